@@ -1,0 +1,315 @@
+//! Per-thread counter slots: the only memory the hot path writes besides the block's tag.
+//!
+//! A counter shared by all threads costs a contended read-modify-write per operation (measured
+//! 3.8× CPU on two threads, see `BENCHMARKS.md`). Instead every thread owns a [`Slot`]: an array
+//! of counters, one row per scope, that only this thread writes (a plain load and store, no
+//! `lock` prefix). A free charges the *owner's* row in the *freeing* thread's slot, so a block
+//! freed on another thread still credits the scope that allocated it; [`crate::snapshot`] adds
+//! the rows of all slots.
+//!
+//! Slots are never freed. When a thread exits its slot is marked free and the next new thread
+//! adopts it, counters and all: the sums stay exact and memory is bounded by the peak number of
+//! live threads (32 KiB per slot, allocated from the inner allocator, pages touched lazily).
+//! Allocations that happen while a thread has no slot (while it claims one, during its TLS
+//! teardown, or past [`MAX_THREADS`] live threads) go to one shared slot with atomic adds.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::cell::Cell;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use crate::scope::{MAX_SCOPES, UNSCOPED_ID};
+
+/// Live threads that get a slot of their own; more share the atomic fallback slot.
+pub(crate) const MAX_THREADS: usize = 4096;
+
+/// One scope's counters in one slot. Monotonic: live bytes are derived, never stored, so a
+/// gauge can never go negative through a free charged to the wrong row.
+#[repr(C)]
+pub(crate) struct Counters {
+    pub(crate) allocated_bytes: AtomicU64,
+    pub(crate) allocations: AtomicU64,
+    pub(crate) deallocated_bytes: AtomicU64,
+    pub(crate) deallocations: AtomicU64,
+}
+
+impl Counters {
+    const fn zero() -> Counters {
+        Counters {
+            allocated_bytes: AtomicU64::new(0),
+            allocations: AtomicU64::new(0),
+            deallocated_bytes: AtomicU64::new(0),
+            deallocations: AtomicU64::new(0),
+        }
+    }
+}
+
+#[repr(C, align(128))]
+pub(crate) struct Slot {
+    rows: [Counters; MAX_SCOPES],
+    /// Set while a live thread owns the slot. Last, far from the hot rows.
+    in_use: AtomicBool,
+}
+
+impl Slot {
+    #[inline(always)]
+    fn row(&self, scope: u16) -> &Counters {
+        // An out-of-range id can only come from a corrupted tag (a heap overflow in the program);
+        // it is charged to `unscoped` rather than trusted.
+        self.rows
+            .get(scope as usize)
+            .unwrap_or(&self.rows[UNSCOPED_ID as usize])
+    }
+}
+
+/// Slots of live and exited threads; `SLOT_COUNT` entries have been handed out.
+static SLOTS: [AtomicPtr<Slot>; MAX_THREADS] =
+    [const { AtomicPtr::new(ptr::null_mut()) }; MAX_THREADS];
+static SLOT_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// The fallback slot, written with atomic read-modify-writes by any thread.
+static SHARED: Slot = Slot {
+    rows: [const { Counters::zero() }; MAX_SCOPES],
+    in_use: AtomicBool::new(false),
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// No slot yet: the next allocation claims one.
+    New,
+    /// Claiming a slot, or inside the library's own bookkeeping: charge `unscoped`, shared slot.
+    Busy,
+    /// Owns `slot`.
+    Owner,
+    /// Past TLS teardown, or no slot could be had: use the shared slot from now on.
+    Shared,
+}
+
+/// Everything the hot path needs from thread-local storage, in one `const`-initialised block
+/// with no destructor, so access is a single TLS offset: no lazy-init check, no allocation.
+struct ThreadState {
+    scope: Cell<u16>,
+    status: Cell<Status>,
+    slot: Cell<*const Slot>,
+}
+
+thread_local! {
+    static STATE: ThreadState = const {
+        ThreadState {
+            scope: Cell::new(UNSCOPED_ID),
+            status: Cell::new(Status::New),
+            slot: Cell::new(ptr::null()),
+        }
+    };
+    /// Registered once per thread, when it first claims a slot; its destructor frees the slot.
+    static RELEASE_ON_EXIT: ReleaseOnExit = const { ReleaseOnExit };
+}
+
+struct ReleaseOnExit;
+
+impl Drop for ReleaseOnExit {
+    fn drop(&mut self) {
+        let _ = STATE.try_with(|state| {
+            state.status.set(Status::Shared);
+            let slot = state.slot.replace(ptr::null());
+            // SAFETY: a non-null `slot` was published by `claim` and slots are never freed.
+            if let Some(slot) = unsafe { slot.as_ref() } {
+                slot.in_use.store(false, Ordering::Release);
+            }
+        });
+    }
+}
+
+/// The scope the current thread charges new allocations to.
+#[inline]
+pub(crate) fn current_scope() -> u16 {
+    STATE.try_with(|s| s.scope.get()).unwrap_or(UNSCOPED_ID)
+}
+
+/// Makes `scope` current and returns the previous one.
+#[inline]
+pub(crate) fn replace_scope(scope: u16) -> u16 {
+    STATE
+        .try_with(|s| s.scope.replace(scope))
+        .unwrap_or(UNSCOPED_ID)
+}
+
+/// Where the current thread's allocation events go: the owner to tag new blocks with, and the
+/// slot to count in.
+#[derive(Clone, Copy)]
+pub(crate) struct Ledger {
+    pub(crate) scope: u16,
+    slot: &'static Slot,
+    exclusive: bool,
+}
+
+impl Ledger {
+    /// The current thread's ledger; claims a slot on the thread's first allocation.
+    #[inline(always)]
+    pub(crate) fn current<A: GlobalAlloc>(inner: &A) -> Ledger {
+        STATE.with(|state| {
+            // SAFETY: a non-null `slot` was published by `claim` for this thread and is never freed.
+            match unsafe { state.slot.get().as_ref() } {
+                Some(slot) => Ledger {
+                    scope: state.scope.get(),
+                    slot,
+                    exclusive: true,
+                },
+                None => Self::without_slot(state, inner),
+            }
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn without_slot<A: GlobalAlloc>(state: &ThreadState, inner: &A) -> Ledger {
+        match state.status.get() {
+            Status::New => claim(state, inner),
+            Status::Shared => Ledger {
+                scope: state.scope.get(),
+                slot: &SHARED,
+                exclusive: false,
+            },
+            Status::Busy | Status::Owner => Ledger {
+                scope: UNSCOPED_ID,
+                slot: &SHARED,
+                exclusive: false,
+            },
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn allocated(&self, owner: u16, bytes: usize) {
+        let row = self.slot.row(owner);
+        self.bump(&row.allocated_bytes, bytes as u64);
+        self.bump(&row.allocations, 1);
+    }
+
+    #[inline(always)]
+    pub(crate) fn deallocated(&self, owner: u16, bytes: usize) {
+        let row = self.slot.row(owner);
+        self.bump(&row.deallocated_bytes, bytes as u64);
+        self.bump(&row.deallocations, 1);
+    }
+
+    #[inline(always)]
+    fn bump(&self, counter: &AtomicU64, by: u64) {
+        if self.exclusive {
+            // Only this thread writes this slot: a plain load and store, no locked instruction.
+            // Release pairs with the snapshot's Acquire (see `totals`).
+            counter.store(
+                counter.load(Ordering::Relaxed).wrapping_add(by),
+                Ordering::Release,
+            );
+        } else {
+            counter.fetch_add(by, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Gives the thread a slot: a free one left by an exited thread, or a new one.
+fn claim<A: GlobalAlloc>(state: &ThreadState, inner: &A) -> Ledger {
+    state.status.set(Status::Busy);
+    // Registering the exit hook may allocate (re-entering the allocator, which sees `Busy`).
+    // If the thread is already tearing down its TLS, it never gets a slot it could not return.
+    if RELEASE_ON_EXIT.try_with(|_| ()).is_err() {
+        state.status.set(Status::Shared);
+        return Ledger::without_slot(state, inner);
+    }
+    let slot = adopt_free_slot().or_else(|| new_slot(inner));
+    match slot {
+        Some(slot) => {
+            state.slot.set(slot);
+            state.status.set(Status::Owner);
+        }
+        None => state.status.set(Status::Shared),
+    }
+    Ledger::current(inner)
+}
+
+fn adopt_free_slot() -> Option<&'static Slot> {
+    let count = SLOT_COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+    SLOTS[..count].iter().find_map(|entry| {
+        // SAFETY: non-null entries point to published slots that are never freed.
+        let slot = unsafe { entry.load(Ordering::Acquire).as_ref() }?;
+        slot.in_use
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then_some(slot)
+    })
+}
+
+fn new_slot<A: GlobalAlloc>(inner: &A) -> Option<&'static Slot> {
+    let index = SLOT_COUNT.fetch_add(1, Ordering::AcqRel);
+    if index >= MAX_THREADS {
+        SLOT_COUNT.fetch_sub(1, Ordering::AcqRel);
+        return None;
+    }
+    // SAFETY: `Slot` has a non-zero size. All-zero bytes are a valid `Slot` (atomics at zero,
+    // `in_use` false), so the zeroed allocation is initialised.
+    let slot = unsafe { inner.alloc_zeroed(Layout::new::<Slot>()) }.cast::<Slot>();
+    // SAFETY: non-null, zero-initialised as above, and never freed, so `'static`.
+    let Some(slot) = (unsafe { slot.as_ref() }) else {
+        // The index stays reserved but empty; readers skip null entries.
+        return None;
+    };
+    slot.in_use.store(true, Ordering::Relaxed);
+    SLOTS[index].store(ptr::from_ref(slot).cast_mut(), Ordering::Release);
+    Some(slot)
+}
+
+/// Counter totals of one scope over all slots.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) allocated_bytes: u64,
+    pub(crate) allocations: u64,
+    pub(crate) deallocated_bytes: u64,
+    pub(crate) deallocations: u64,
+}
+
+/// Sums the first `scopes` rows over all slots.
+///
+/// Deallocation counters are read in a first pass, allocation counters in a second. A free is
+/// counted only after its block's allocation was (the program passed the pointer between
+/// threads), and the Release/Acquire pair makes that earlier count visible to the second pass,
+/// so `allocated >= deallocated` holds in every snapshot.
+pub(crate) fn totals(scopes: usize) -> Vec<Totals> {
+    let scopes = scopes.min(MAX_SCOPES);
+    let mut totals = vec![Totals::default(); scopes];
+    let slots = || {
+        let count = SLOT_COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+        // SAFETY: non-null entries point to published slots that are never freed.
+        let own = SLOTS[..count]
+            .iter()
+            .filter_map(|entry| unsafe { entry.load(Ordering::Acquire).as_ref() });
+        own.chain(std::iter::once(&SHARED))
+    };
+    for slot in slots() {
+        for (total, row) in totals.iter_mut().zip(&slot.rows) {
+            let bytes = row.deallocated_bytes.load(Ordering::Acquire);
+            total.deallocated_bytes = total.deallocated_bytes.wrapping_add(bytes);
+            let count = row.deallocations.load(Ordering::Acquire);
+            total.deallocations = total.deallocations.wrapping_add(count);
+        }
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    for slot in slots() {
+        for (total, row) in totals.iter_mut().zip(&slot.rows) {
+            let bytes = row.allocated_bytes.load(Ordering::Acquire);
+            total.allocated_bytes = total.allocated_bytes.wrapping_add(bytes);
+            let count = row.allocations.load(Ordering::Acquire);
+            total.allocations = total.allocations.wrapping_add(count);
+        }
+    }
+    totals
+}
+
+/// Bytes of per-thread counter memory held.
+pub(crate) fn metadata_bytes() -> usize {
+    let count = SLOT_COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+    SLOTS[..count]
+        .iter()
+        .filter(|entry| !entry.load(Ordering::Relaxed).is_null())
+        .count()
+        * size_of::<Slot>()
+}

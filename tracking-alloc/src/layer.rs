@@ -1,0 +1,112 @@
+//! A `tracing` layer that charges allocations made inside a span to a scope.
+//!
+//! The scope's name is the span's `memory_scope` field if it has one, else the span's name, so
+//! `#[instrument]`-ed async functions are attributed with no extra code, and
+//! `#[instrument(fields(memory_scope = "cache"))]` groups several spans under one scope.
+//! tracing re-enters a span on every poll of an instrumented future, on whichever thread polls
+//! it, so the scope follows the task across worker threads like [`crate::InScope`] does.
+//!
+//! ```
+//! use tracing_subscriber::prelude::*;
+//!
+//! tracing_subscriber::registry()
+//!     .with(tracking_alloc::MemoryScopeLayer::new())
+//!     .init();
+//!
+//! let span = tracing::info_span!("parse", memory_scope = "ingest");
+//! let _entered = span.enter();
+//! let buffer = vec![0u8; 4096]; // charged to the "ingest" scope
+//! # drop(buffer);
+//! ```
+
+use std::cell::RefCell;
+use std::fmt;
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
+use tracing::Subscriber;
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::{counters, Scope};
+
+/// Name of the span field that overrides the span name as the scope name.
+pub const SCOPE_FIELD: &str = "memory_scope";
+
+/// Enters the span's scope while the span is entered. See the [module docs](self).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemoryScopeLayer {
+    _private: (),
+}
+
+impl MemoryScopeLayer {
+    pub fn new() -> Self {
+        MemoryScopeLayer::default()
+    }
+}
+
+/// The scope stored in a span's extensions.
+struct SpanScope(Scope);
+
+thread_local! {
+    /// Scopes to restore, one per span entered on this thread and not yet exited.
+    static ENTERED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Default)]
+struct ScopeFieldVisitor(Option<String>);
+
+impl Visit for ScopeFieldVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == SCOPE_FIELD {
+            self.0 = Some(value.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == SCOPE_FIELD && self.0.is_none() {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl<S> Layer<S> for MemoryScopeLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let scope = if attrs.metadata().fields().field(SCOPE_FIELD).is_some() {
+            let mut visitor = ScopeFieldVisitor::default();
+            attrs.record(&mut visitor);
+            Scope::named(visitor.0.as_deref().unwrap_or(attrs.metadata().name()))
+        } else {
+            Scope::named(attrs.metadata().name())
+        };
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanScope(scope));
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let Some(scope) = span.extensions().get::<SpanScope>().map(|s| s.0) else {
+            return;
+        };
+        // The stack grows in the enclosing scope, never in the span's own.
+        ENTERED.with(|entered| entered.borrow_mut().push(counters::current_scope()));
+        // Not a `ScopeGuard`: the scope must outlive this call and is restored in `on_exit`.
+        counters::replace_scope(scope.id());
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        let has_scope = ctx
+            .span(id)
+            .is_some_and(|span| span.extensions().get::<SpanScope>().is_some());
+        if !has_scope {
+            return;
+        }
+        if let Some(previous) = ENTERED.with(|entered| entered.borrow_mut().pop()) {
+            counters::replace_scope(previous);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Out-of-line owner ids for blocks whose size class has no room for an inline tag.
+//!
+//! `Vec` capacities double, so most `Vec` buffers are exactly a jemalloc size class and have no
+//! slack. Growing them by a 2-byte tag would cost a whole class step (+25 %, +100 % for 8-byte
+//! blocks). Instead their owner id lives here, in a per-page array of `u16`.
+//!
+//! jemalloc never mixes size classes within a page: small blocks come from slabs of one class,
+//! large blocks start on a page boundary of their own. So within one 4 KiB page, two live blocks
+//! of class `c` start at least `c` bytes apart, and `offset_in_page >> floor_log2(c)` is a unique
+//! slot index. A page's leaf therefore needs `4096 >> floor_log2(c)` slots of 2 bytes:
+//! 2 bytes per block, rounded up to a power of two (1 KiB per page of 8-byte blocks, 2 bytes per
+//! page of large blocks). This invariant is why the table is only used when the inner allocator
+//! is jemalloc (see `alloc.rs`).
+//!
+//! Pages are found through a three-level radix tree over 48-bit addresses: a static root indexed
+//! by `addr >> 30`, then 4 KiB tables per GiB and per 2 MiB, then the leaf. Interior tables and
+//! leaves come from the inner allocator, are published with compare-and-swap (no lock), and are
+//! never freed: a page that switches to a smaller class keeps its larger leaf (at most 1 KiB).
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, AtomicU16, AtomicUsize, Ordering};
+
+use crate::scope::UNSCOPED_ID;
+
+const LG_PAGE: u32 = 12;
+const LG_FANOUT: u32 = 9;
+const FANOUT: usize = 1 << LG_FANOUT;
+/// Addresses at or above 2^48 are not tracked here (no such user addresses on x86_64/aarch64
+/// Linux with 4-level page tables); their blocks are charged to `unscoped` consistently.
+const ADDRESS_BITS: u32 = 48;
+const ROOT_LEN: usize = 1 << (ADDRESS_BITS - LG_PAGE - 2 * LG_FANOUT);
+
+/// A table of 512 pointer-sized entries (4 KiB): the interior nodes of the tree.
+type Node = [AtomicUsize; FANOUT];
+
+static ROOT: [AtomicPtr<Node>; ROOT_LEN] = [const { AtomicPtr::new(ptr::null_mut()) }; ROOT_LEN];
+
+/// Slot index of a block within its page, and log2 of the slots a leaf needs for its class.
+#[inline(always)]
+fn slot_of(addr: usize, class: usize) -> (usize, u32) {
+    let lg_class = (usize::BITS - 1 - class.leading_zeros()).min(LG_PAGE);
+    (
+        (addr & ((1 << LG_PAGE) - 1)) >> lg_class,
+        LG_PAGE - lg_class,
+    )
+}
+
+/// Records `owner` for the block at `addr` of jemalloc size class `class`. Returns the owner
+/// actually recorded: `owner`, or `unscoped` when the table could not get memory for this page
+/// (then [`owner_of`] also answers `unscoped` for it, so the books still balance).
+#[inline]
+pub(crate) fn record<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u16) -> u16 {
+    let Some(leaf_entry) = leaf_entry(inner, addr) else {
+        return UNSCOPED_ID;
+    };
+    let (slot, lg_slots) = slot_of(addr, class);
+    let mut current = leaf_entry.load(Ordering::Acquire);
+    loop {
+        if current != 0 && (current & 0xf) as u32 >= lg_slots {
+            // SAFETY: `current` (tag bits cleared) points to a published leaf of at least
+            // `1 << (current & 0xf)` slots that is never freed, and `slot < 1 << lg_slots`.
+            let leaf = unsafe { &*((current & !0xf) as *const AtomicU16).add(slot) };
+            leaf.store(owner, Ordering::Relaxed);
+            return owner;
+        }
+        let Some(fresh) = alloc_zeroed_table(inner, 2usize << lg_slots) else {
+            return UNSCOPED_ID;
+        };
+        let tagged = fresh as usize | lg_slots as usize;
+        match leaf_entry.compare_exchange(current, tagged, Ordering::AcqRel, Ordering::Acquire) {
+            // The old, smaller leaf (if any) is left in place: reads of it may still be in flight
+            // on other threads only if jemalloc broke its one-class-per-page rule, and keeping it
+            // costs at most one small leaf per page.
+            Ok(_) => current = tagged,
+            Err(seen) => {
+                free_unpublished_table(inner, fresh, 2usize << lg_slots);
+                current = seen;
+            }
+        }
+    }
+}
+
+/// The owner recorded for the block at `addr` of class `class`, or `unscoped` if none was.
+#[inline]
+pub(crate) fn owner_of(addr: usize, class: usize) -> u16 {
+    let Some(leaf_entry) = find_leaf_entry(addr) else {
+        return UNSCOPED_ID;
+    };
+    let current = leaf_entry.load(Ordering::Acquire);
+    let (slot, lg_slots) = slot_of(addr, class);
+    if current == 0 || ((current & 0xf) as u32) < lg_slots {
+        return UNSCOPED_ID;
+    }
+    // SAFETY: as in `record`: a published, never-freed leaf with more than `slot` slots.
+    unsafe { &*((current & !0xf) as *const AtomicU16).add(slot) }.load(Ordering::Relaxed)
+}
+
+/// The entry that holds the leaf pointer of `addr`'s page, creating interior tables on the way.
+#[inline]
+fn leaf_entry<A: GlobalAlloc>(inner: &A, addr: usize) -> Option<&'static AtomicUsize> {
+    let root = ROOT.get(addr >> (LG_PAGE + 2 * LG_FANOUT))?;
+    let mid = node_or_create(inner, root)?;
+    let mid_entry = &mid[(addr >> (LG_PAGE + LG_FANOUT)) & (FANOUT - 1)];
+    let low = node_or_create_in(inner, mid_entry)?;
+    Some(&low[(addr >> LG_PAGE) & (FANOUT - 1)])
+}
+
+#[inline]
+fn find_leaf_entry(addr: usize) -> Option<&'static AtomicUsize> {
+    let mid = ROOT
+        .get(addr >> (LG_PAGE + 2 * LG_FANOUT))?
+        .load(Ordering::Acquire);
+    // SAFETY: non-null root entries point to published, zero-initialised, never-freed nodes.
+    let mid = unsafe { mid.as_ref() }?;
+    let low = mid[(addr >> (LG_PAGE + LG_FANOUT)) & (FANOUT - 1)].load(Ordering::Acquire);
+    // SAFETY: likewise for non-null interior entries.
+    let low = unsafe { (low as *const Node).as_ref() }?;
+    Some(&low[(addr >> LG_PAGE) & (FANOUT - 1)])
+}
+
+fn node_or_create<A: GlobalAlloc>(inner: &A, slot: &AtomicPtr<Node>) -> Option<&'static Node> {
+    let mut node = slot.load(Ordering::Acquire);
+    if node.is_null() {
+        let fresh = alloc_zeroed_table(inner, size_of::<Node>())?.cast::<Node>();
+        node = match slot.compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => fresh,
+            Err(seen) => {
+                free_unpublished_table(inner, fresh.cast(), size_of::<Node>());
+                seen
+            }
+        };
+    }
+    // SAFETY: `node` is non-null, zero-initialised (a valid `Node` of atomics) and never freed.
+    Some(unsafe { &*node })
+}
+
+fn node_or_create_in<A: GlobalAlloc>(inner: &A, slot: &AtomicUsize) -> Option<&'static Node> {
+    // SAFETY: `AtomicUsize` and `AtomicPtr<Node>` have the same size, alignment and bit validity.
+    let slot = unsafe { &*(slot as *const AtomicUsize).cast::<AtomicPtr<Node>>() };
+    node_or_create(inner, slot)
+}
+
+fn table_layout(bytes: usize) -> Layout {
+    // 16-byte alignment leaves the low four bits of a leaf pointer free for its size.
+    Layout::from_size_align(bytes.max(16), 16).unwrap_or(Layout::new::<u128>())
+}
+
+static METADATA_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+fn alloc_zeroed_table<A: GlobalAlloc>(inner: &A, bytes: usize) -> Option<*mut u8> {
+    let layout = table_layout(bytes);
+    // SAFETY: the layout has a non-zero size.
+    let table = unsafe { inner.alloc_zeroed(layout) };
+    if table.is_null() {
+        return None;
+    }
+    METADATA_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+    Some(table)
+}
+
+fn free_unpublished_table<A: GlobalAlloc>(inner: &A, table: *mut u8, bytes: usize) {
+    let layout = table_layout(bytes);
+    METADATA_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+    // SAFETY: callers pass a table they allocated with `alloc_zeroed_table(inner, bytes)` and
+    // never published, so no other thread can hold a reference to it.
+    unsafe { inner.dealloc(table, layout) };
+}
+
+/// Bytes of side-table memory held (interior nodes and leaves, including leaves outgrown by
+/// their page), for the docs' cost figures and the exporter's overhead gauge.
+pub(crate) fn metadata_bytes() -> usize {
+    METADATA_BYTES.load(Ordering::Relaxed)
+}

@@ -1,0 +1,63 @@
+//! `#[instrument]`-ed async code is attributed to its span's scope with no extra code.
+use tracing::instrument;
+use tracing_subscriber::prelude::*;
+use tracking_alloc::{snapshot, MemoryScopeLayer};
+
+#[global_allocator]
+static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =
+    tracking_alloc::TrackingAlloc::new(tikv_jemallocator::Jemalloc);
+
+#[instrument(skip_all)]
+async fn load_users(n: usize) -> Vec<Vec<u8>> {
+    let mut users = Vec::with_capacity(n);
+    for i in 0..n {
+        users.push(vec![i as u8; 1000]);
+        tokio::task::yield_now().await;
+    }
+    users
+}
+
+#[instrument(skip_all, fields(memory_scope = "index-build"))]
+async fn build_index() -> Vec<u64> {
+    tokio::task::yield_now().await;
+    vec![0u64; 512]
+}
+
+fn live(name: &str) -> u64 {
+    snapshot()
+        .into_iter()
+        .find(|s| s.name == name)
+        .map_or(0, |s| s.live_bytes)
+}
+
+#[test]
+fn instrumented_async_fns_are_attributed() {
+    tracing_subscriber::registry()
+        .with(MemoryScopeLayer::new())
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (users, index) = runtime.block_on(async {
+        // Unscoped tasks allocate at the same time on the same workers.
+        let noise = tokio::spawn(async {
+            for _ in 0..200 {
+                drop(vec![0u8; 512]);
+                tokio::task::yield_now().await;
+            }
+        });
+        let users = tokio::spawn(load_users(100)).await.unwrap();
+        let index = tokio::spawn(build_index()).await.unwrap();
+        noise.await.unwrap();
+        (users, index)
+    });
+    // 100 user buffers plus the outer Vec's 100 × 24 bytes, all inside the span.
+    assert_eq!(live("load_users"), 100 * 1000 + 100 * 24);
+    assert_eq!(live("index-build"), 512 * 8);
+    drop(users);
+    drop(index);
+    assert_eq!(live("load_users"), 0);
+    assert_eq!(live("index-build"), 0);
+}
