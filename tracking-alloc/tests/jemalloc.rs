@@ -1,7 +1,9 @@
 //! Semantics with jemalloc inside: inline tags in size-class slack plus the side table.
 mod common;
 
+use std::future::Future;
 use tikv_jemallocator::Jemalloc;
+
 use tracking_alloc::Scope;
 
 #[global_allocator]
@@ -11,6 +13,7 @@ static GLOBAL: tracking_alloc::TrackingAlloc<Jemalloc> =
 semantics_tests!();
 
 /// Exact-class buffers keep their class: the tag goes out of line, not into a bigger class.
+#[cfg(feature = "jemalloc")]
 #[test]
 fn exact_class_blocks_keep_their_size_class() {
     let _g = Scope::named("exact-class").enter();
@@ -69,4 +72,76 @@ fn over_aligned_blocks_are_tracked() {
     .unwrap();
     let s = common::stats("aligned");
     assert_eq!((s.live_bytes, s.deallocations), (0, 4000), "{s:?}");
+}
+
+/// A future in a scope is charged on every worker thread that polls it, while other tasks on the
+/// same workers allocate unscoped; dropping it unpolled runs its destructor in the scope too.
+#[test]
+fn future_hops_worker_threads_in_its_scope() {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    use tracking_alloc::prelude::*;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let threads = Arc::new(Mutex::new(HashSet::with_capacity(64)));
+    let seen = threads.clone();
+    let held = runtime.block_on(async move {
+        let noise: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(async {
+                    for i in 0..300 {
+                        drop(vec![0u8; 64 + i]);
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        let mut held = Vec::with_capacity(200);
+        let task = tokio::spawn(
+            async move {
+                for i in 0..200 {
+                    seen.lock().unwrap().insert(std::thread::current().id());
+                    held.push(vec![1u8; 100 + i]);
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+                held
+            }
+            .in_scope(Scope::named("hopping")),
+        );
+        for n in noise {
+            n.await.unwrap();
+        }
+        task.await.unwrap()
+    });
+    let expected: u64 = (0..200).map(|i| 100 + i as u64).sum();
+    let hopping = common::stats("hopping");
+    assert_eq!(hopping.live_bytes, expected, "{hopping:?}");
+    assert_eq!(hopping.allocations, 200);
+    eprintln!(
+        "the scoped future ran on {} worker threads",
+        threads.lock().unwrap().len()
+    );
+    drop(held);
+    assert_eq!(common::stats("hopping").live_bytes, 0);
+
+    // Dropped without completing: its buffers are freed (and credited) wherever it is dropped.
+    let pending = async {
+        let buffer = vec![5u8; 4096];
+        std::future::pending::<()>().await;
+        drop(buffer);
+    }
+    .in_scope(Scope::named("cancelled"));
+    let mut pending = Box::pin(pending);
+    let waker = std::task::Waker::noop();
+    assert!(pending
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(waker))
+        .is_pending());
+    assert_eq!(common::stats("cancelled").live_bytes, 4096);
+    drop(pending);
+    assert_eq!(common::stats("cancelled").live_bytes, 0);
 }
