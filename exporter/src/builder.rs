@@ -1,0 +1,224 @@
+//! Starting everything with one call, in a runtime of the caller's or on a thread of our own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracking_alloc::prelude::*;
+
+use crate::collectors::{register_all, ExporterMetrics, StatsCache};
+use crate::server::{self, Limits, ServerState};
+use crate::Error;
+
+/// Default listen address: loopback only, the OpenTelemetry Prometheus exporter's port.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+/// Default interval between jemalloc epoch advances.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Configures and starts the exporter. Created by [`crate::Exporter::builder`].
+#[derive(Debug, Clone)]
+pub struct ExporterBuilder {
+    listen: SocketAddr,
+    refresh_interval: Duration,
+    registries: Vec<prometheus::Registry>,
+    limits: Limits,
+}
+
+impl Default for ExporterBuilder {
+    fn default() -> Self {
+        ExporterBuilder {
+            listen: DEFAULT_LISTEN,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            registries: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl ExporterBuilder {
+    /// Address to serve on (default `127.0.0.1:9464`). Port 0 picks a free port; see
+    /// [`ExporterHandle::local_addr`].
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// How often the background task advances jemalloc's epoch (default 5 s, at least 10 ms).
+    pub fn refresh_interval(mut self, interval: Duration) -> Self {
+        self.refresh_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Also serve the metrics of the service's own registry on `/metrics`.
+    pub fn registry(mut self, registry: prometheus::Registry) -> Self {
+        self.registries.push(registry);
+        self
+    }
+
+    /// Connections served at once (default 512).
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.limits.max_connections = max.max(1);
+        self
+    }
+
+    /// How long a client may take to send its request headers (default 10 s).
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.header_read_timeout = timeout;
+        self
+    }
+
+    /// Binds the listener, takes a first reading, and starts the refresh task and the server:
+    /// on the current tokio runtime if there is one, else on a thread of its own.
+    pub fn start(self) -> Result<ExporterHandle, Error> {
+        let listener = std::net::TcpListener::bind(self.listen).map_err(|source| Error::Bind {
+            addr: self.listen,
+            source,
+        })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: self.listen,
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| Error::Bind {
+                addr: self.listen,
+                source,
+            })?;
+
+        let cache = StatsCache::default();
+        let health = ExporterMetrics::new();
+        let registry = prometheus::Registry::new();
+        register_all(&registry, &cache, &health).map_err(Error::Register)?;
+        if let Err(e) = health.refresh(&cache) {
+            tracing::warn!("memory exporter: first refresh failed: {e}");
+        }
+        let mut registries = vec![registry.clone()];
+        registries.extend(self.registries);
+        let state = Arc::new(ServerState {
+            registries,
+            health: health.clone(),
+            limits: self.limits,
+        });
+
+        let (stop, stopped) = watch::channel(false);
+        let interval = self.refresh_interval;
+        let run = async move {
+            let refresh = tokio::spawn(refresh_loop(cache, health, interval, stopped.clone()));
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => server::serve(listener, state, stopped).await,
+                Err(e) => tracing::error!("memory exporter: cannot serve: {e}"),
+            }
+            refresh.abort();
+        }
+        .in_scope(Scope::named("exporter"));
+
+        let runner = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Runner::Task(runtime.spawn(run)),
+            Err(_) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Runtime)?;
+                let thread = std::thread::Builder::new()
+                    .name("memory-exporter".into())
+                    .spawn(move || runtime.block_on(run))
+                    .map_err(Error::Runtime)?;
+                Runner::Thread(thread)
+            }
+        };
+        Ok(ExporterHandle {
+            local_addr,
+            registry,
+            stop,
+            runner: Some(runner),
+        })
+    }
+}
+
+async fn refresh_loop(
+    cache: StatsCache,
+    health: ExporterMetrics,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate; `start` already refreshed
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        let (cache, health) = (cache.clone(), health.clone());
+        // Advancing the epoch takes jemalloc's arena locks: keep it off the async workers.
+        let refreshed = tokio::task::spawn_blocking(move || {
+            let _g = Scope::named("exporter").enter();
+            health.refresh(&cache)
+        })
+        .await;
+        match refreshed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("memory exporter: refresh failed: {e}"),
+            Err(e) => tracing::warn!("memory exporter: refresh task failed: {e}"),
+        }
+    }
+}
+
+enum Runner {
+    Task(tokio::task::JoinHandle<()>),
+    Thread(JoinHandle<()>),
+}
+
+/// A running exporter. Dropping it stops the exporter; [`ExporterHandle::shutdown`] also waits.
+pub struct ExporterHandle {
+    local_addr: SocketAddr,
+    registry: prometheus::Registry,
+    stop: watch::Sender<bool>,
+    runner: Option<Runner>,
+}
+
+impl ExporterHandle {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The registry holding the exporter's collectors, e.g. to add a collector of your own.
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.registry
+    }
+
+    /// Stops accepting connections, lets requests in flight finish (up to 5 s) and, when the
+    /// exporter runs on its own thread, waits for it. Inside a tokio runtime this only signals;
+    /// await [`ExporterHandle::stopped`] to wait there.
+    pub fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(Runner::Thread(thread)) = self.runner.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Signals shutdown and waits for the exporter's task or thread to finish.
+    pub async fn stopped(mut self) {
+        let _ = self.stop.send(true);
+        match self.runner.take() {
+            Some(Runner::Task(task)) => {
+                let _ = task.await;
+            }
+            Some(Runner::Thread(thread)) => {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for ExporterHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}

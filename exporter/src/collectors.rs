@@ -1,0 +1,445 @@
+//! Prometheus collectors: shape jemalloc statistics, scope counters and the exporter's own health
+//! into metric families.
+//!
+//! Each collector implements [`prometheus::core::Collector`], so a service can register them in
+//! its own `Registry` and serve them from its own HTTP stack; [`crate::Exporter`] does both for
+//! you. Families are built directly (no per-scrape label hashing), so a scrape of 1,000 scopes
+//! stays cheap.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{IntCounter, IntCounterVec, Opts};
+
+use crate::stats::{JemallocStats, ReadError};
+
+/// One metric family: its name, help, type and (for `collect`) samples.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    labels: &'static [&'static str],
+}
+
+impl Family {
+    const fn gauge(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            kind: MetricType::GAUGE,
+            labels: &[],
+        }
+    }
+
+    fn desc(&self) -> Desc {
+        let labels = self.labels.iter().map(|l| l.to_string()).collect();
+        Desc::new(
+            self.name.into(),
+            self.help.into(),
+            labels,
+            Default::default(),
+        )
+        .expect("metric names and labels here are valid")
+    }
+
+    /// A family with one sample per `(label values, value)`.
+    fn samples<'a>(&self, samples: impl IntoIterator<Item = (&'a [&'a str], f64)>) -> MetricFamily {
+        let mut family = MetricFamily::default();
+        family.set_name(self.name.into());
+        family.set_help(self.help.into());
+        family.set_field_type(self.kind);
+        let metrics = samples
+            .into_iter()
+            .map(|(values, value)| {
+                let mut metric = Metric::default();
+                metric.set_label(
+                    self.labels
+                        .iter()
+                        .zip(values)
+                        .map(|(name, value)| {
+                            let mut pair = LabelPair::default();
+                            pair.set_name(name.to_string());
+                            pair.set_value(value.to_string());
+                            pair
+                        })
+                        .collect(),
+                );
+                match self.kind {
+                    MetricType::COUNTER => {
+                        let mut counter = Counter::default();
+                        counter.set_value(value);
+                        metric.set_counter(counter);
+                    }
+                    _ => {
+                        let mut gauge = Gauge::default();
+                        gauge.set_value(value);
+                        metric.set_gauge(gauge);
+                    }
+                }
+                metric
+            })
+            .collect();
+        family.set_metric(metrics);
+        family
+    }
+
+    fn single(&self, value: f64) -> MetricFamily {
+        self.samples([(&[][..], value)])
+    }
+}
+
+/// What the refresh task stores and scrapes read.
+#[derive(Debug, Clone, Default)]
+pub struct Refreshed {
+    pub stats: JemallocStats,
+    /// Sum of live bytes over all scopes, taken right after `stats`.
+    pub scoped_live_bytes: u64,
+    /// Bytes the tracking allocator holds for itself (per-thread slots, side table).
+    pub tracking_overhead_bytes: u64,
+}
+
+const JEMALLOC_GAUGES: [(Family, fn(&Refreshed) -> f64); 15] = [
+    (Family::gauge("jemalloc_allocated_bytes", "Bytes in live allocations, as jemalloc rounds them to size classes (stats.allocated)."), |r| r.stats.allocated as f64),
+    (Family::gauge("jemalloc_active_bytes", "Bytes in active pages, allocated plus free space inside them; a multiple of the page size (stats.active)."), |r| r.stats.active as f64),
+    (Family::gauge("jemalloc_metadata_bytes", "Bytes of jemalloc's own metadata (stats.metadata)."), |r| r.stats.metadata as f64),
+    (Family::gauge("jemalloc_resident_bytes", "Bytes in physically resident pages mapped by jemalloc, including dirty pages and metadata (stats.resident)."), |r| r.stats.resident as f64),
+    (Family::gauge("jemalloc_mapped_bytes", "Bytes in active extents mapped by jemalloc (stats.mapped)."), |r| r.stats.mapped as f64),
+    (Family::gauge("jemalloc_retained_bytes", "Bytes of virtual memory jemalloc keeps mapped after returning the pages to the OS; not resident (stats.retained)."), |r| r.stats.retained as f64),
+    (Family::gauge("jemalloc_dirty_bytes", "Bytes in dirty pages: freed but still resident until jemalloc purges them (dirty_decay_ms)."), |r| r.stats.dirty as f64),
+    (Family::gauge("jemalloc_muzzy_bytes", "Bytes in muzzy pages: freed and lazily returned with MADV_FREE (muzzy_decay_ms)."), |r| r.stats.muzzy as f64),
+    (Family::gauge("jemalloc_arenas", "Number of jemalloc arenas (arenas.narenas)."), |r| r.stats.arenas as f64),
+    (Family::gauge("jemalloc_background_threads", "jemalloc background purging threads running; 0 when background_thread is off."), |r| r.stats.background_threads as f64),
+    (Family::gauge("jemalloc_profiling_enabled", "1 if heap profiling was enabled at start-up (prof:true in malloc_conf), else 0."), |r| f64::from(u8::from(r.stats.profiling_enabled))),
+    (Family::gauge("jemalloc_profiling_active", "1 if heap profiling is sampling allocations right now (prof.active), else 0."), |r| f64::from(u8::from(r.stats.profiling_active))),
+    (Family::gauge("jemalloc_profiling_sample_interval_bytes", "Average bytes allocated between heap profile samples (2^lg_prof_sample); 0 when profiling is not compiled in."), |r| if r.stats.profiling_compiled { (1u64 << r.stats.lg_prof_sample) as f64 } else { 0.0 }),
+    (Family::gauge("memory_unattributed_bytes", "jemalloc allocated bytes not held by any scope: allocated minus the sum of memory_scope_live_bytes. Includes size-class rounding (scopes count requested sizes), allocations by C code and the tracking allocator's own overhead (memory_tracking_overhead_bytes); clamped at 0."), |r| r.stats.allocated.saturating_sub(r.scoped_live_bytes) as f64),
+    (Family::gauge("memory_tracking_overhead_bytes", "Bytes the tracking allocator holds for its bookkeeping: per-thread counter slots (32 KiB per live thread) and the out-of-line tag table (2 bytes per exact-size-class block)."), |r| r.tracking_overhead_bytes as f64),
+];
+
+const JEMALLOC_INFO: Family = Family {
+    name: "jemalloc_info",
+    help: "jemalloc build and configuration; always 1. malloc_conf lists the effective options.",
+    kind: MetricType::GAUGE,
+    labels: &["version", "malloc_conf"],
+};
+
+/// The last refreshed values, shared between the refresh task and the collectors.
+#[derive(Clone, Default)]
+pub struct StatsCache(Arc<RwLock<Refreshed>>);
+
+impl StatsCache {
+    pub fn get(&self) -> Refreshed {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Advances jemalloc's epoch and stores a fresh reading (with the scope total taken at the
+    /// same moment, so `memory_unattributed_bytes` compares like with like).
+    pub fn refresh(&self) -> Result<(), ReadError> {
+        let stats = JemallocStats::read()?;
+        let scoped_live_bytes = tracking_alloc::snapshot()
+            .iter()
+            .map(|s| s.live_bytes)
+            .sum();
+        let refreshed = Refreshed {
+            stats,
+            scoped_live_bytes,
+            tracking_overhead_bytes: tracking_alloc::overhead_bytes(),
+        };
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = refreshed;
+        Ok(())
+    }
+}
+
+/// jemalloc's statistics and configuration, from the cache the refresh task fills.
+///
+/// ```
+/// let collector = exporter::JemallocCollector::new();
+/// collector.cache().refresh().unwrap(); // normally the exporter's background task does this
+/// let registry = prometheus::Registry::new();
+/// registry.register(Box::new(collector)).unwrap();
+/// assert!(registry.gather().iter().any(|f| f.name() == "jemalloc_allocated_bytes"));
+/// ```
+pub struct JemallocCollector {
+    cache: StatsCache,
+    descs: Vec<Desc>,
+}
+
+impl JemallocCollector {
+    /// A collector with an empty cache; refresh it with [`StatsCache::refresh`].
+    pub fn new() -> JemallocCollector {
+        JemallocCollector::with_cache(StatsCache::default())
+    }
+
+    pub fn with_cache(cache: StatsCache) -> JemallocCollector {
+        let descs = JEMALLOC_GAUGES
+            .iter()
+            .map(|(family, _)| family.desc())
+            .chain([JEMALLOC_INFO.desc()])
+            .collect();
+        JemallocCollector { cache, descs }
+    }
+
+    pub fn cache(&self) -> &StatsCache {
+        &self.cache
+    }
+}
+
+impl Default for JemallocCollector {
+    fn default() -> Self {
+        JemallocCollector::new()
+    }
+}
+
+impl Collector for JemallocCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let refreshed = self.cache.get();
+        let mut families: Vec<_> = JEMALLOC_GAUGES
+            .iter()
+            .map(|(family, value)| family.single(value(&refreshed)))
+            .collect();
+        let info = [
+            refreshed.stats.version.as_str(),
+            refreshed.stats.malloc_conf.as_str(),
+        ];
+        families.push(JEMALLOC_INFO.samples([(&info[..], 1.0)]));
+        families
+    }
+}
+
+const SCOPE_FAMILIES: [(Family, fn(&tracking_alloc::ScopeStats) -> u64); 5] = [
+    (Family { name: "memory_scope_live_bytes", help: "Bytes allocated in the scope and not yet freed (requested sizes), wherever they are freed.", kind: MetricType::GAUGE, labels: &["scope"] }, |s| s.live_bytes),
+    (Family { name: "memory_scope_allocated_bytes_total", help: "Bytes ever allocated in the scope (requested sizes; a realloc counts its new size).", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.allocated_bytes),
+    (Family { name: "memory_scope_deallocated_bytes_total", help: "Bytes of the scope's blocks ever freed, on any thread, in any scope.", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.deallocated_bytes),
+    (Family { name: "memory_scope_allocations_total", help: "Allocations made in the scope (a realloc counts as one free and one allocation).", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.allocations),
+    (Family { name: "memory_scope_deallocations_total", help: "Frees of blocks the scope allocated.", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.deallocations),
+];
+
+/// Per-scope counters from `tracking_alloc::snapshot()`, read at scrape time (no epoch needed:
+/// the counters are always current). Every registered scope is exported, zeros included, so
+/// `rate()` and `increase()` see a series from its first scrape.
+pub struct ScopeCollector {
+    descs: Vec<Desc>,
+}
+
+impl ScopeCollector {
+    pub fn new() -> ScopeCollector {
+        ScopeCollector {
+            descs: SCOPE_FAMILIES.iter().map(|(f, _)| f.desc()).collect(),
+        }
+    }
+}
+
+impl Default for ScopeCollector {
+    fn default() -> Self {
+        ScopeCollector::new()
+    }
+}
+
+impl Collector for ScopeCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let scopes = tracking_alloc::snapshot();
+        SCOPE_FAMILIES
+            .iter()
+            .map(|(family, value)| {
+                family.samples(scopes.iter().map(|s| {
+                    let labels: &[&str] = std::slice::from_ref(&s.name);
+                    (labels, value(s) as f64)
+                }))
+            })
+            .collect()
+    }
+}
+
+/// The exporter's own health: how refreshes go and how often it is scraped.
+#[derive(Clone)]
+pub struct ExporterMetrics {
+    pub refresh_duration: prometheus::Gauge,
+    pub refresh_errors: IntCounter,
+    pub last_refresh: prometheus::Gauge,
+    pub scrapes: IntCounterVec,
+}
+
+impl ExporterMetrics {
+    pub fn new() -> ExporterMetrics {
+        let gauge = |name: &str, help: &str| {
+            prometheus::Gauge::with_opts(Opts::new(name, help)).expect("valid metric name")
+        };
+        let scrapes = IntCounterVec::new(
+            Opts::new(
+                "memory_exporter_scrapes_total",
+                "Scrapes of /metrics served, by HTTP status code.",
+            ),
+            &["code"],
+        )
+        .expect("valid metric name");
+        // Start the usual outcomes at zero so rate() has a series before the first error.
+        for code in ["200", "401"] {
+            scrapes.with_label_values(&[code]);
+        }
+        ExporterMetrics {
+            refresh_duration: gauge(
+                "memory_exporter_refresh_duration_seconds",
+                "How long the last refresh took: advancing jemalloc's epoch (which takes arena locks) and reading its statistics.",
+            ),
+            refresh_errors: IntCounter::new(
+                "memory_exporter_refresh_errors_total",
+                "Refreshes of jemalloc statistics that failed; the error is logged. The metrics keep their last good values.",
+            )
+            .expect("valid metric name"),
+            last_refresh: gauge(
+                "memory_exporter_last_refresh_timestamp_seconds",
+                "Unix time of the last successful refresh of jemalloc statistics.",
+            ),
+            scrapes,
+        }
+    }
+
+    /// Refreshes `cache` and records how it went.
+    pub fn refresh(&self, cache: &StatsCache) -> Result<(), ReadError> {
+        let started = std::time::Instant::now();
+        let result = cache.refresh();
+        self.refresh_duration.set(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(()) => self.last_refresh.set(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or(Duration::ZERO)
+                    .as_secs_f64(),
+            ),
+            Err(_) => self.refresh_errors.inc(),
+        }
+        result
+    }
+
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.refresh_duration.clone()))?;
+        registry.register(Box::new(self.refresh_errors.clone()))?;
+        registry.register(Box::new(self.last_refresh.clone()))?;
+        registry.register(Box::new(self.scrapes.clone()))
+    }
+}
+
+impl Default for ExporterMetrics {
+    fn default() -> Self {
+        ExporterMetrics::new()
+    }
+}
+
+/// The process's own memory, CPU and file descriptors (`process_resident_memory_bytes`,
+/// `process_virtual_memory_bytes`, …) from `/proc`, as every Prometheus client library names them.
+pub fn process_collector() -> prometheus::process_collector::ProcessCollector {
+    prometheus::process_collector::ProcessCollector::for_self()
+}
+
+/// Registers every collector the exporter serves in `registry`, sharing `cache`.
+pub fn register_all(
+    registry: &prometheus::Registry,
+    cache: &StatsCache,
+    health: &ExporterMetrics,
+) -> prometheus::Result<()> {
+    registry.register(Box::new(JemallocCollector::with_cache(cache.clone())))?;
+    registry.register(Box::new(ScopeCollector::new()))?;
+    registry.register(Box::new(process_collector()))?;
+    health.register(registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracking_alloc::Scope;
+
+    fn family<'a>(families: &'a [MetricFamily], name: &str) -> &'a MetricFamily {
+        families
+            .iter()
+            .find(|f| f.name() == name)
+            .unwrap_or_else(|| panic!("no family {name}"))
+    }
+
+    fn value(family: &MetricFamily) -> f64 {
+        let metric = &family.get_metric()[0];
+        match family.get_field_type() {
+            MetricType::COUNTER => metric.get_counter().get_value(),
+            _ => metric.get_gauge().get_value(),
+        }
+    }
+
+    #[test]
+    fn jemalloc_collector_reports_the_cache() {
+        let collector = JemallocCollector::new();
+        collector.cache().refresh().unwrap();
+        let families = collector.collect();
+        assert_eq!(families.len(), collector.desc().len());
+        let get = |name| value(family(&families, name));
+        assert!(get("jemalloc_allocated_bytes") > 0.0);
+        assert!(get("jemalloc_resident_bytes") >= get("jemalloc_active_bytes"));
+        assert!(get("jemalloc_active_bytes") >= get("jemalloc_allocated_bytes"));
+        assert!(get("jemalloc_arenas") >= 1.0);
+        assert!(get("memory_tracking_overhead_bytes") > 0.0);
+        assert!(get("memory_unattributed_bytes") <= get("jemalloc_allocated_bytes"));
+        let info = &family(&families, "jemalloc_info").get_metric()[0];
+        let labels: Vec<_> = info.get_label().iter().map(|l| l.name()).collect();
+        assert_eq!(labels, ["version", "malloc_conf"]);
+    }
+
+    #[test]
+    fn scope_collector_exports_every_scope_with_its_counters() {
+        let held = {
+            let _g = Scope::named("collector-test").enter();
+            vec![0u8; 12345]
+        };
+        let families = ScopeCollector::new().collect();
+        let live = family(&families, "memory_scope_live_bytes");
+        assert_eq!(live.get_field_type(), MetricType::GAUGE);
+        let sample = live
+            .get_metric()
+            .iter()
+            .find(|m| m.get_label()[0].value() == "collector-test")
+            .expect("the scope is exported");
+        assert_eq!(sample.get_gauge().get_value(), 12345.0);
+        let allocated = family(&families, "memory_scope_allocated_bytes_total");
+        assert_eq!(allocated.get_field_type(), MetricType::COUNTER);
+        assert!(allocated
+            .get_metric()
+            .iter()
+            .any(|m| m.get_label()[0].value() == "unscoped"));
+        drop(held);
+    }
+
+    #[test]
+    fn health_metrics_count_refreshes() {
+        let health = ExporterMetrics::new();
+        let cache = StatsCache::default();
+        health.refresh(&cache).unwrap();
+        assert!(health.last_refresh.get() > 1.6e9);
+        assert!(health.refresh_duration.get() >= 0.0);
+        assert_eq!(health.refresh_errors.get(), 0);
+        let registry = prometheus::Registry::new();
+        register_all(&registry, &cache, &health).unwrap();
+        let names: Vec<_> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        for expected in [
+            "process_resident_memory_bytes",
+            "memory_exporter_scrapes_total",
+            "memory_scope_live_bytes",
+            "jemalloc_info",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} in {names:?}"
+            );
+        }
+    }
+}

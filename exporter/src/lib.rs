@@ -1,0 +1,51 @@
+//! jemalloc and per-scope memory metrics for Prometheus, served from inside your service.
+//!
+//! ```no_run
+//! use tracking_alloc::TrackingAlloc;
+//!
+//! #[global_allocator]
+//! static GLOBAL: TrackingAlloc<tikv_jemallocator::Jemalloc> =
+//!     TrackingAlloc::new(tikv_jemallocator::Jemalloc);
+//!
+//! fn main() -> Result<(), exporter::Error> {
+//!     let exporter = exporter::Exporter::builder()
+//!         .listen("127.0.0.1:9464".parse().unwrap())
+//!         .refresh_interval(std::time::Duration::from_secs(5))
+//!         .start()?; // its own thread here; a task when called inside a tokio runtime
+//!     // … run the service; scrape http://127.0.0.1:9464/metrics …
+//!     exporter.shutdown();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The data flows in three stages, one module each:
+//! - [`stats`] reads jemalloc (advance the epoch, read one consistent set of values);
+//! - [`collectors`] shapes jemalloc values, `tracking_alloc` scope counters and the exporter's
+//!   own health into Prometheus metric families — register them in your own `Registry` if you
+//!   serve metrics yourself;
+//! - `server` moves them over HTTP (hyper 1), with limits and graceful shutdown, started by
+//!   [`ExporterBuilder::start`] together with the background refresh task.
+
+mod builder;
+pub mod collectors;
+mod error;
+mod server;
+pub mod stats;
+
+pub use builder::{ExporterBuilder, ExporterHandle, DEFAULT_LISTEN, DEFAULT_REFRESH_INTERVAL};
+pub use collectors::{JemallocCollector, ScopeCollector, StatsCache};
+pub use error::Error;
+
+/// Entry point: `Exporter::builder()…start()`.
+pub struct Exporter;
+
+impl Exporter {
+    pub fn builder() -> ExporterBuilder {
+        ExporterBuilder::default()
+    }
+}
+
+#[cfg(test)]
+#[global_allocator]
+static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =
+    tracking_alloc::TrackingAlloc::new(tikv_jemallocator::Jemalloc);
