@@ -100,7 +100,10 @@ pub struct Refreshed {
     pub tracking_overhead_bytes: u64,
 }
 
-const JEMALLOC_GAUGES: [(Family, fn(&Refreshed) -> f64); 15] = [
+/// A gauge family and how to read its value from a refresh.
+type JemallocGauge = (Family, fn(&Refreshed) -> f64);
+
+const JEMALLOC_GAUGES: [JemallocGauge; 15] = [
     (Family::gauge("jemalloc_allocated_bytes", "Bytes in live allocations, as jemalloc rounds them to size classes (stats.allocated)."), |r| r.stats.allocated as f64),
     (Family::gauge("jemalloc_active_bytes", "Bytes in active pages, allocated plus free space inside them; a multiple of the page size (stats.active)."), |r| r.stats.active as f64),
     (Family::gauge("jemalloc_metadata_bytes", "Bytes of jemalloc's own metadata (stats.metadata)."), |r| r.stats.metadata as f64),
@@ -212,7 +215,10 @@ impl Collector for JemallocCollector {
     }
 }
 
-const SCOPE_FAMILIES: [(Family, fn(&tracking_alloc::ScopeStats) -> u64); 5] = [
+/// A per-scope family and the counter it reports.
+type ScopeFamily = (Family, fn(&tracking_alloc::ScopeStats) -> u64);
+
+const SCOPE_FAMILIES: [ScopeFamily; 5] = [
     (Family { name: "memory_scope_live_bytes", help: "Bytes allocated in the scope and not yet freed (requested sizes), wherever they are freed.", kind: MetricType::GAUGE, labels: &["scope"] }, |s| s.live_bytes),
     (Family { name: "memory_scope_allocated_bytes_total", help: "Bytes ever allocated in the scope (requested sizes; a realloc counts its new size).", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.allocated_bytes),
     (Family { name: "memory_scope_deallocated_bytes_total", help: "Bytes of the scope's blocks ever freed, on any thread, in any scope.", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.deallocated_bytes),

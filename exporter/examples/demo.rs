@@ -1,0 +1,265 @@
+//! A small but realistic service that shows every part of the toolkit at work.
+//!
+//! ```text
+//! cargo run --release -p exporter --example demo -- [--listen 127.0.0.1:9464]
+//! ```
+//!
+//! Four parts of the service hold memory in four different ways, each in its own scope:
+//! - `cache` — a session cache that grows slowly and is never trimmed: the leak to find;
+//! - `requests` — request handlers on tokio tasks, hopping worker threads, allocating and
+//!   freeing as they parse payloads and build maps: high churn, flat live bytes;
+//! - `batch` — a periodic batch job that builds a large index, holds it briefly and drops it:
+//!   a spike and a release;
+//! - `lru` — a bounded cache attributed through a `tracing` span (`#[instrument]`), that fills
+//!   and is cleared: a sawtooth that must not be mistaken for a leak.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::instrument;
+use tracing_subscriber::prelude::*;
+use tracking_alloc::prelude::*;
+use tracking_alloc::{scope, MemoryScopeLayer, TrackingAlloc};
+
+#[global_allocator]
+static GLOBAL: TrackingAlloc<tikv_jemallocator::Jemalloc> =
+    TrackingAlloc::new(tikv_jemallocator::Jemalloc);
+
+const USAGE: &str = "\
+usage: demo [OPTIONS]
+
+  --listen ADDR           serve metrics on ADDR (default 127.0.0.1:9464)
+  --leak-rate BYTES       bytes per second the `cache` scope leaks (default 32768, ~112 MiB/h)
+  --requests-per-sec N    simulated requests per second (default 200)
+  --batch-every SECS      seconds between batch jobs (default 30)
+  --batch-bytes BYTES     memory one batch job holds at its peak (default 67108864)
+  -h, --help              show this help
+";
+
+struct Options {
+    listen: SocketAddr,
+    leak_rate: u64,
+    requests_per_sec: u64,
+    batch_every: Duration,
+    batch_bytes: usize,
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        listen: exporter::DEFAULT_LISTEN,
+        leak_rate: 32 * 1024,
+        requests_per_sec: 200,
+        batch_every: Duration::from_secs(30),
+        batch_bytes: 64 << 20,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "-h" || flag == "--help" {
+            print!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"))?;
+        let bad = |what: &str| format!("{flag} {value:?}: expected {what}\n\n{USAGE}");
+        match flag.as_str() {
+            "--listen" => {
+                options.listen = value
+                    .parse()
+                    .map_err(|_| bad("an address like 127.0.0.1:9464"))?
+            }
+            "--leak-rate" => {
+                options.leak_rate = value.parse().map_err(|_| bad("a number of bytes"))?
+            }
+            "--requests-per-sec" => {
+                options.requests_per_sec = value.parse().map_err(|_| bad("a number"))?
+            }
+            "--batch-every" => {
+                let secs: u64 = value.parse().map_err(|_| bad("a number of seconds"))?;
+                options.batch_every = Duration::from_secs(secs.max(1));
+            }
+            "--batch-bytes" => {
+                options.batch_bytes = value.parse().map_err(|_| bad("a number of bytes"))?
+            }
+            _ => return Err(format!("unknown option {flag}\n\n{USAGE}")),
+        }
+    }
+    Ok(options)
+}
+
+fn main() {
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    tracing_subscriber::registry()
+        .with(MemoryScopeLayer::new())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+
+    // The exporter runs on its own thread, so a scrape is never starved by the service's load.
+    let exporter = match exporter::Exporter::builder().listen(options.listen).start() {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            std::process::exit(1);
+        }
+    };
+    let addr = exporter.local_addr();
+    println!("demo service running; memory metrics at:");
+    println!("  http://{addr}/metrics");
+    println!("  http://{addr}/       (all routes)");
+    println!("press Ctrl-C to stop");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("cannot start the demo's tokio runtime");
+    runtime.block_on(async {
+        let service = Service::default();
+        let tasks = [
+            tokio::spawn(service.clone().leak_sessions(options.leak_rate)),
+            tokio::spawn(service.clone().serve_requests(options.requests_per_sec)),
+            tokio::spawn(run_batches(options.batch_every, options.batch_bytes)),
+            tokio::spawn(service.clone().refresh_lru()),
+        ];
+        wait_for_stop_signal().await;
+        for task in tasks {
+            task.abort();
+        }
+    });
+    // A batch job may still be sleeping on a blocking thread: do not wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    exporter.shutdown();
+    println!("demo stopped");
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[derive(Clone, Default)]
+struct Service {
+    /// Session id → session state. Entries are added and never removed: the leak.
+    sessions: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    /// A bounded cache of rendered pages, cleared when full.
+    lru: Arc<Mutex<HashMap<u64, String>>>,
+}
+
+impl Service {
+    /// Adds session state at `rate` bytes per second, forever.
+    async fn leak_sessions(self, rate: u64) {
+        let cache = Scope::named("cache");
+        let mut ticks = tokio::time::interval(Duration::from_millis(100));
+        let mut next_id = 0u64;
+        loop {
+            ticks.tick().await;
+            let _g = cache.enter();
+            let mut sessions = self.sessions.lock().unwrap();
+            let mut added = 0;
+            while added < rate / 10 {
+                let state = vec![(next_id % 251) as u8; 2048];
+                added += state.len() as u64 + 32;
+                sessions.insert(format!("session-{next_id:012}"), state);
+                next_id += 1;
+            }
+        }
+    }
+
+    /// Spawns `per_sec` simulated requests a second, each on its own task.
+    async fn serve_requests(self, per_sec: u64) {
+        let requests = Scope::named("requests");
+        let mut ticks = tokio::time::interval(Duration::from_millis(50));
+        let mut n = 0u64;
+        loop {
+            ticks.tick().await;
+            for _ in 0..per_sec.div_ceil(20) {
+                n += 1;
+                let service = self.clone();
+                tokio::spawn(service.handle_request(n).in_scope(requests));
+            }
+        }
+    }
+
+    /// Parses a JSON-like payload into a map, awaits "I/O", and renders a response.
+    async fn handle_request(self, n: u64) -> usize {
+        let payload: String = (0..200 + n % 300)
+            .map(|i| format!("\"field{}\":{},", i % 37, i * n % 1000))
+            .collect();
+        let mut fields: HashMap<String, Vec<u64>> = HashMap::new();
+        for pair in payload.split(',').filter(|p| !p.is_empty()) {
+            if let Some((key, value)) = pair.split_once(':') {
+                fields
+                    .entry(key.trim_matches('"').to_owned())
+                    .or_default()
+                    .push(value.parse().unwrap_or(0));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5 + n % 20)).await; // the database
+        let rendered = self.render(n, &fields).await;
+        rendered.len()
+    }
+
+    /// Renders a page, through the bounded `lru` cache (attributed via its tracing span).
+    #[instrument(skip_all, fields(memory_scope = "lru"))]
+    async fn render(&self, n: u64, fields: &HashMap<String, Vec<u64>>) -> String {
+        let key = n % 5000;
+        if let Some(page) = self.lru.lock().unwrap().get(&key) {
+            return page.clone();
+        }
+        let page = format!(
+            "<html>{} fields, {} values</html>{}",
+            fields.len(),
+            fields.values().map(Vec::len).sum::<usize>(),
+            "x".repeat(1024)
+        );
+        self.lru.lock().unwrap().insert(key, page.clone());
+        page
+    }
+
+    /// Clears the page cache when it is full, like an LRU that evicts in bulk: a sawtooth.
+    async fn refresh_lru(self) {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            ticks.tick().await;
+            let mut lru = self.lru.lock().unwrap();
+            if lru.len() >= 4000 {
+                *lru = HashMap::new();
+            }
+        }
+    }
+}
+
+/// Every `every`, builds an index of about `bytes` bytes on a blocking thread, uses it, drops it.
+async fn run_batches(every: Duration, bytes: usize) {
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        ticks.tick().await;
+        let job = tokio::task::spawn_blocking(move || {
+            let _g = scope!("batch");
+            let rows: Vec<Vec<u64>> = (0..bytes / 8192)
+                .map(|i| (0..1024).map(|j| (i as u64 * 2654435761) ^ j).collect())
+                .collect();
+            let checksum: u64 = rows.iter().map(|row| row.iter().max().unwrap_or(&0)).sum();
+            std::thread::sleep(Duration::from_secs(3)); // hold the peak long enough to be scraped
+            checksum
+        });
+        let _ = job.await;
+    }
+}

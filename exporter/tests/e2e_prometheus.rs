@@ -1,0 +1,64 @@
+//! End to end: the demo binary scraped every second by a real Prometheus server, its exposition
+//! checked by promtool.
+mod support;
+
+use std::time::Duration;
+
+use support::{get, promtool_check_metrics, require_tool, Demo, Prometheus};
+
+#[test]
+fn prometheus_scrapes_the_demo() {
+    let (Some(prometheus), Some(promtool)) = (
+        require_tool("prometheus", "prometheus"),
+        require_tool("promtool", "prometheus"),
+    ) else {
+        return;
+    };
+    let demo = Demo::start(&["--batch-every", "2", "--requests-per-sec", "400"], &[]);
+
+    let scrape = get(demo.addr, "/metrics");
+    assert_eq!(scrape.status, 200);
+    if let Err(problems) = promtool_check_metrics(&promtool, &scrape.body) {
+        panic!("promtool check metrics failed:\n{problems}");
+    }
+
+    let server = Prometheus::start(
+        &prometheus,
+        &format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: demo\n    static_configs:\n      - targets: ['{}']\n",
+            demo.addr
+        ),
+    );
+    let up = server.wait_for("up{job=\"demo\"} == 1", Duration::from_secs(60));
+    assert_eq!(up[0]["value"][1], "1");
+
+    for scope in ["cache", "requests", "batch", "lru", "unscoped", "exporter"] {
+        server.wait_for(
+            &format!("memory_scope_live_bytes{{job=\"demo\",scope=\"{scope}\"}}"),
+            Duration::from_secs(30),
+        );
+    }
+    let rate = server.wait_for(
+        "rate(memory_scope_allocated_bytes_total{job=\"demo\",scope=\"requests\"}[5s]) > 0",
+        Duration::from_secs(60),
+    );
+    let bytes_per_sec: f64 = rate[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(
+        bytes_per_sec > 1000.0,
+        "requests allocate: {bytes_per_sec} B/s"
+    );
+
+    // The leak grows: live bytes of `cache` rise between two scrapes a few seconds apart.
+    let growth = server.wait_for(
+        "delta(memory_scope_live_bytes{job=\"demo\",scope=\"cache\"}[5s]) > 0",
+        Duration::from_secs(60),
+    );
+    assert!(!growth.is_empty());
+
+    // Consistency of what Prometheus stored.
+    server.wait_for(
+        "jemalloc_resident_bytes{job=\"demo\"} >= ignoring() jemalloc_allocated_bytes{job=\"demo\"}",
+        Duration::from_secs(10),
+    );
+}

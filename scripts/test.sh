@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: formatting and lints, unit and integration tests,
+# end-to-end tests against real Prometheus / promtool / go tool pprof / jeprof, valgrind
+# memcheck on the allocator stress tests, and config validation (promtool, docker-compose).
+# Installs the Debian packages the tests need when they are missing (needs root or sudo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+passed=0
+failed=0
+failures=()
+
+step() {
+    local name=$1
+    shift
+    echo
+    echo "=== $name"
+    local started=$SECONDS
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "--- ok: $name ($((SECONDS - started)) s)"
+    else
+        failed=$((failed + 1))
+        failures+=("$name")
+        echo "--- FAILED: $name ($((SECONDS - started)) s)"
+    fi
+}
+
+install_tools() {
+    # command → Debian package
+    local -A needs=(
+        [prometheus]=prometheus [promtool]=prometheus [go]=golang-go
+        [jeprof]=libjemalloc-dev [docker-compose]=docker-compose [valgrind]=valgrind
+    )
+    local missing=()
+    for tool in "${!needs[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("${needs[$tool]}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local packages
+    packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+    echo "installing Debian packages: $packages"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $packages >/dev/null
+}
+
+test_executables() {
+    # The test binaries of tracking-alloc's stress tests, as cargo built them.
+    cargo test -p tracking-alloc --all-features --test system --test jemalloc --no-run \
+        --message-format=json 2>/dev/null |
+        grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/'
+}
+
+memcheck() {
+    local ok=0
+    for binary in $(test_executables); do
+        echo "valgrind memcheck: $binary"
+        valgrind --quiet --error-exitcode=99 --leak-check=no "$binary" --test-threads=2 || ok=1
+    done
+    return $ok
+}
+
+config_checks() {
+    local ok=0
+    if [ -f prometheus.yml ]; then
+        promtool check config prometheus.yml || ok=1
+    fi
+    if compgen -G "alerts/*.rules.yml" >/dev/null; then
+        promtool check rules alerts/*.rules.yml || ok=1
+        promtool test rules alerts/*.test.yml || ok=1
+    fi
+    if [ -f docker-compose.yml ]; then
+        docker-compose -f docker-compose.yml config --quiet || ok=1
+    fi
+    return $ok
+}
+
+export CI="${CI:-}"
+install_tools
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --all-features -- -D warnings
+step "cargo test (unit, integration, end-to-end)" cargo test --workspace --all-features
+step "valgrind memcheck on the allocator stress tests" memcheck
+step "promtool and docker-compose config checks" config_checks
+if [ -d benches ] || grep -q '^\[\[bench\]\]' ./*/Cargo.toml 2>/dev/null; then
+    step "benchmarks execute (smoke run, no timing)" cargo bench --workspace -- --test
+fi
+
+echo
+if [ "$failed" -gt 0 ]; then
+    printf 'failed step: %s\n' "${failures[@]}"
+fi
+echo "steps: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
