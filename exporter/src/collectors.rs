@@ -273,6 +273,8 @@ pub struct ExporterMetrics {
     pub refresh_errors: IntCounter,
     pub last_refresh: prometheus::Gauge,
     pub scrapes: IntCounterVec,
+    /// Heap profile dumps written, by trigger (`manual`, `auto`) and result (`ok`, `error`).
+    pub prof_dumps: IntCounterVec,
 }
 
 impl ExporterMetrics {
@@ -288,9 +290,23 @@ impl ExporterMetrics {
             &["code"],
         )
         .expect("valid metric name");
-        // Start the usual outcomes at zero so rate() has a series before the first error.
+        // Start the known label values at zero so rate() and increase() have a series from the
+        // first scrape, before the first error or dump.
         for code in ["200", "401"] {
             scrapes.with_label_values(&[code]);
+        }
+        let prof_dumps = IntCounterVec::new(
+            Opts::new(
+                "jemalloc_prof_dumps_total",
+                "Heap profile dumps written, by trigger (manual: POST /debug/pprof/dumps; auto: the growth trigger) and result (ok, error).",
+            ),
+            &["trigger", "result"],
+        )
+        .expect("valid metric name");
+        for trigger in ["manual", "auto"] {
+            for result in ["ok", "error"] {
+                prof_dumps.with_label_values(&[trigger, result]);
+            }
         }
         ExporterMetrics {
             refresh_duration: gauge(
@@ -307,6 +323,7 @@ impl ExporterMetrics {
                 "Unix time of the last successful refresh of jemalloc statistics.",
             ),
             scrapes,
+            prof_dumps,
         }
     }
 
@@ -331,7 +348,8 @@ impl ExporterMetrics {
         registry.register(Box::new(self.refresh_duration.clone()))?;
         registry.register(Box::new(self.refresh_errors.clone()))?;
         registry.register(Box::new(self.last_refresh.clone()))?;
-        registry.register(Box::new(self.scrapes.clone()))
+        registry.register(Box::new(self.scrapes.clone()))?;
+        registry.register(Box::new(self.prof_dumps.clone()))
     }
 }
 

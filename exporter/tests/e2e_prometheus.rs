@@ -4,7 +4,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{get, promtool_check_metrics, require_tool, Demo, Prometheus};
+use support::{
+    dashboards, get, promtool_check_metrics, require_tool, workspace_root, Demo, Prometheus,
+};
 
 #[test]
 fn prometheus_scrapes_the_demo() {
@@ -26,7 +28,9 @@ fn prometheus_scrapes_the_demo() {
         &prometheus,
         &format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: ['{}/alerts/*.rules.yml']\n\
              scrape_configs:\n  - job_name: demo\n    static_configs:\n      - targets: ['{}']\n",
+            workspace_root().display(),
             demo.addr
         ),
     );
@@ -60,5 +64,37 @@ fn prometheus_scrapes_the_demo() {
     server.wait_for(
         "jemalloc_resident_bytes{job=\"demo\"} >= ignoring() jemalloc_allocated_bytes{job=\"demo\"}",
         Duration::from_secs(10),
+    );
+
+    // Every panel of every dashboard returns data, with the template variables filled in as
+    // Grafana would: this job and instance, all scopes, and Grafana's rate interval.
+    let instance = demo.addr.to_string();
+    for (file, dashboard) in dashboards() {
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$job", "demo")
+                    .replace("$instance", &instance)
+                    .replace("$scope", ".*")
+                    .replace("$__rate_interval", "5s");
+                let result = server.wait_for(&expr, Duration::from_secs(30));
+                assert!(
+                    !result.is_empty(),
+                    "{file} / {}: no data for {expr}",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    // The rule files load and the recording rules evaluate.
+    server.wait_for(
+        "instance:jemalloc_fragmentation:ratio{job=\"demo\"}",
+        Duration::from_secs(30),
+    );
+    server.wait_for(
+        "instance_scope:memory_scope_live_bytes:deriv1h{scope=\"cache\"}",
+        Duration::from_secs(30),
     );
 }

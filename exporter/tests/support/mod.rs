@@ -418,3 +418,20 @@ pub fn promtool_check_metrics(promtool: &Path, exposition: &[u8]) -> Result<(), 
         ))
     }
 }
+
+/// Every dashboard JSON under grafana/dashboards, by file name.
+pub fn dashboards() -> Vec<(String, serde_json::Value)> {
+    let dir = workspace_root().join("grafana/dashboards");
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| {
+            let json = serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p.file_name().unwrap().to_string_lossy().into_owned(), json)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Writes grafana/dashboards/*.json from the panel lists below (one description per panel, no
+copy-pasted JSON). Rerun after editing: python3 grafana/generate.py
+The end-to-end test evaluates every query here against a real Prometheus scraping the demo."""
+import json
+import pathlib
+
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+SEL = 'job=~"$job",instance=~"$instance"'
+SCOPE_SEL = SEL + ',scope=~"$scope"'
+
+
+def q(expr, legend="", instant=False, fmt="time_series"):
+    return {"expr": expr, "legendFormat": legend, "instant": instant, "format": fmt}
+
+
+def panel(kind, title, description, unit, queries, w=12, h=8, **options):
+    return {"type": kind, "title": title, "description": description, "unit": unit,
+            "queries": queries, "w": w, "h": h, "options": options}
+
+
+def variables(with_scope):
+    def var(name, query, label):
+        return {"name": name, "label": label, "type": "query", "datasource": DATASOURCE,
+                "query": {"query": query, "refId": f"{name}-var"}, "definition": query,
+                "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
+                "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "sort": 1}
+    out = [var("job", "label_values(jemalloc_info, job)", "job"),
+           var("instance", 'label_values(jemalloc_info{job=~"$job"}, instance)', "instance")]
+    if with_scope:
+        out.append(var("scope", f"label_values(memory_scope_live_bytes{{{SEL}}}, scope)", "scope"))
+    return out
+
+
+def build(uid, title, description, panels, with_scope):
+    out, x, y, row_h = [], 0, 0, 0
+    for i, p in enumerate(panels, start=1):
+        if x + p["w"] > 24:
+            x, y, row_h = 0, y + row_h, 0
+        field_defaults = {"unit": p["unit"]}
+        custom = {}
+        if p["type"] == "timeseries":
+            custom = {"fillOpacity": 10, "lineWidth": 1, "showPoints": "never"}
+            if p["options"].get("stacked"):
+                custom.update({"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 40})
+        if custom:
+            field_defaults["custom"] = custom
+        targets = [dict(refId=chr(ord("A") + n), datasource=DATASOURCE, **query)
+                   for n, query in enumerate(p["queries"])]
+        entry = {"id": i, "type": p["type"], "title": p["title"], "description": p["description"],
+                 "datasource": DATASOURCE, "gridPos": {"x": x, "y": y, "w": p["w"], "h": p["h"]},
+                 "fieldConfig": {"defaults": field_defaults, "overrides": []}, "targets": targets}
+        if p["type"] == "table":
+            entry["transformations"] = [{"id": "merge", "options": {}},
+                                        {"id": "organize", "options": {"excludeByName": {"Time": True},
+                                         "renameByName": {"Value #A": "now", "Value #B": "1 h ago", "Value #C": "change"}}}]
+        if p["type"] == "bargauge":
+            entry["options"] = {"orientation": "horizontal", "displayMode": "gradient",
+                                "reduceOptions": {"calcs": ["lastNotNull"], "values": False}}
+        if p["type"] == "stat":
+            entry["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "values": False},
+                                "colorMode": "value", "graphMode": "area"}
+        out.append(entry)
+        x += p["w"]
+        row_h = max(row_h, p["h"])
+    return {"uid": uid, "title": title, "description": description, "tags": ["memory", "jemalloc"],
+            "timezone": "browser", "schemaVersion": 39, "version": 1, "editable": False,
+            "refresh": "10s", "time": {"from": "now-6h", "to": "now"},
+            "templating": {"list": variables(with_scope)}, "panels": out,
+            "links": [{"title": "Memory scopes" if uid == "memory-overview" else "Memory overview",
+                       "type": "link", "url": "/d/" + ("memory-scopes" if uid == "memory-overview" else "memory-overview")}]}
+
+
+OVERVIEW = [
+    panel("timeseries", "Heap (jemalloc)",
+          "What jemalloc holds. allocated: live blocks; active: their pages; resident: pages in RAM "
+          "(including dirty ones and metadata); mapped and retained: address space. A gap between "
+          "resident and allocated is fragmentation or unpurged dirty pages.",
+          "bytes", [q(f"jemalloc_{m}_bytes{{{SEL}}}", f"{m} {{{{instance}}}}")
+                    for m in ("allocated", "active", "resident", "mapped", "retained", "metadata")]),
+    panel("timeseries", "Process RSS vs jemalloc resident",
+          "RSS counts every resident page of the process. Memory above jemalloc's resident belongs to "
+          "code, stacks, or allocations outside jemalloc (C libraries using libc malloc, mmap).",
+          "bytes", [q(f"process_resident_memory_bytes{{{SEL}}}", "process RSS {{instance}}"),
+                    q(f"jemalloc_resident_bytes{{{SEL}}}", "jemalloc resident {{instance}}"),
+                    q(f"process_resident_memory_bytes{{{SEL}}} - on (job, instance) jemalloc_resident_bytes{{{SEL}}}",
+                      "outside jemalloc {{instance}}")]),
+    panel("timeseries", "Fragmentation (resident ÷ allocated)",
+          "Resident bytes per allocated byte. Near 1 is tight; above 1.5 on a large heap the alert "
+          "MemoryFragmentationHigh fires. Spikes right after a batch job are normal while dirty "
+          "pages decay.", "none",
+          [q(f"jemalloc_resident_bytes{{{SEL}}} / jemalloc_allocated_bytes{{{SEL}}}", "{{instance}}")], w=8),
+    panel("timeseries", "Dirty and muzzy pages",
+          "Freed pages jemalloc has not returned to the OS yet. They count in RSS. If they stay high, "
+          "lower dirty_decay_ms or enable background_thread.", "bytes",
+          [q(f"jemalloc_dirty_bytes{{{SEL}}}", "dirty {{instance}}"),
+           q(f"jemalloc_muzzy_bytes{{{SEL}}}", "muzzy {{instance}}")], w=8),
+    panel("timeseries", "Unattributed and tracking overhead",
+          "Allocated bytes that no scope holds (size-class rounding, C code, bookkeeping), and the "
+          "tracking allocator's own overhead. If unattributed grows, add scopes or diff heap profiles.",
+          "bytes", [q(f"memory_unattributed_bytes{{{SEL}}}", "unattributed {{instance}}"),
+                    q(f"memory_tracking_overhead_bytes{{{SEL}}}", "tracking overhead {{instance}}")], w=8),
+    panel("stat", "Growth over 1 h",
+          "Change of jemalloc allocated bytes over the last hour (extrapolated from the samples in "
+          "range). Positive and steady for hours is a leak; see MemorySlowGrowth.", "bytes",
+          [q(f"delta(jemalloc_allocated_bytes{{{SEL}}}[1h])", "{{instance}}")], w=6, h=5),
+    panel("stat", "Growth over 24 h",
+          "Change of jemalloc allocated bytes over the last day. Compare with the 1 h figure: a leak "
+          "grows at both scales, a daily cycle only at one.", "bytes",
+          [q(f"delta(jemalloc_allocated_bytes{{{SEL}}}[24h])", "{{instance}}")], w=6, h=5),
+    panel("stat", "Heap profile dumps (24 h)",
+          "Heap profiles written in the last day, by trigger (manual POST /debug/pprof/dumps or the "
+          "automatic growth trigger) and result. Errors mean the dump directory is missing, full or "
+          "read-only.", "short",
+          [q(f"sum by (trigger, result) (increase(jemalloc_prof_dumps_total{{{SEL}}}[24h]))",
+             "{{trigger}} {{result}}")], w=6, h=5),
+    panel("stat", "Profiling",
+          "1 when heap profiling is enabled at start-up (prof:true) and when it is sampling now "
+          "(prof.active). Profiles over HTTP need both.", "bool",
+          [q(f"jemalloc_profiling_enabled{{{SEL}}}", "enabled {{instance}}"),
+           q(f"jemalloc_profiling_active{{{SEL}}}", "active {{instance}}")], w=6, h=5),
+    panel("timeseries", "Exporter refresh duration",
+          "Time to advance jemalloc's epoch and read its statistics, every refresh interval. It takes "
+          "arena locks: if it reaches milliseconds, raise the refresh interval.", "s",
+          [q(f"memory_exporter_refresh_duration_seconds{{{SEL}}}", "{{instance}}")]),
+    panel("timeseries", "Exporter scrapes",
+          "Scrapes of /metrics per second by status code; 401s mean a scraper without the token.",
+          "reqps", [q(f"sum by (instance, code) (rate(memory_exporter_scrapes_total{{{SEL}}}[$__rate_interval]))",
+                      "{{instance}} {{code}}")]),
+]
+
+SCOPES = [
+    panel("timeseries", "Live bytes per scope",
+          "Bytes each scope holds right now (requested sizes), stacked. A block stays with the scope "
+          "that allocated it wherever it is freed. A band that only rises is a leak candidate.",
+          "bytes", [q(f"sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}})", "{{scope}}")],
+          w=16, stacked=True),
+    panel("bargauge", "Top scopes now",
+          "The ten scopes holding the most memory at the end of the range.", "bytes",
+          [q(f"topk(10, sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}}))", "{{scope}}", instant=True)],
+          w=8),
+    *[panel("timeseries", f"Growth rate per scope ({window})",
+            f"Slope of live bytes over the last {window} (linear regression), in bytes per second. "
+            "A cache that fills and is cleared averages out over windows longer than its cycle; "
+            "a leak stays positive at every window.", "Bps",
+            [q(f"sum by (scope) (deriv(memory_scope_live_bytes{{{SCOPE_SEL}}}[{window}]))", "{{scope}}")], w=8)
+      for window in ("1h", "6h", "24h")],
+    panel("timeseries", "Allocation rate (bytes/s)",
+          "Bytes allocated per second by each scope: churn, not growth. High churn with flat live "
+          "bytes is CPU cost, not a leak.", "Bps",
+          [q(f"sum by (scope) (rate(memory_scope_allocated_bytes_total{{{SCOPE_SEL}}}[$__rate_interval]))", "{{scope}}")]),
+    panel("timeseries", "Allocation rate (ops/s)",
+          "Allocations per second by each scope. Many small allocations cost more CPU than few large "
+          "ones of the same bytes.", "ops",
+          [q(f"sum by (scope) (rate(memory_scope_allocations_total{{{SCOPE_SEL}}}[$__rate_interval]))", "{{scope}}")]),
+    panel("table", "Scopes: now, 1 h ago, change",
+          "Live bytes per scope now, an hour ago (now minus the change over the last hour, or since the "
+          "series began if younger), and the change. Sort by change to find what grows.", "bytes",
+          [q(f"sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}})", "", instant=True, fmt="table"),
+           q(f"sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}}) - sum by (scope) (delta(memory_scope_live_bytes{{{SCOPE_SEL}}}[1h]))",
+             "", instant=True, fmt="table"),
+           q(f"sum by (scope) (delta(memory_scope_live_bytes{{{SCOPE_SEL}}}[1h]))", "", instant=True, fmt="table")],
+          w=24, h=10),
+]
+
+DASHBOARDS = {
+    "memory-overview.json": build("memory-overview", "Memory overview",
+                                  "Where the process's memory is: jemalloc's view, RSS, fragmentation, growth.",
+                                  OVERVIEW, with_scope=False),
+    "memory-scopes.json": build("memory-scopes", "Memory scopes",
+                                "Which part of the program holds memory, and which part grows.",
+                                SCOPES, with_scope=True),
+}
+
+if __name__ == "__main__":
+    here = pathlib.Path(__file__).parent / "dashboards"
+    for name, dashboard in DASHBOARDS.items():
+        (here / name).write_text(json.dumps(dashboard, indent=2) + "\n")
