@@ -95,36 +95,46 @@ struct Placement {
 /// would overflow `isize`.
 #[inline(always)]
 fn placement<A: 'static>(layout: Layout) -> Option<Placement> {
-    let (size, align) = (layout.size(), layout.align());
+    if let Some(place) = small_placement::<A>(layout) {
+        return Some(place);
+    }
     if !has_jemalloc_layout::<A>() {
-        let request = Layout::from_size_align(size.checked_add(TAG_BYTES)?, align).ok()?;
+        let size = layout.size();
+        let request = Layout::from_size_align(size.checked_add(TAG_BYTES)?, layout.align()).ok()?;
         return Some(Placement {
             request,
             tag: Tag::Inline { offset: size },
         });
     }
-    if align <= QUANTUM && size <= SMALL_MAX {
-        let class = small_class(size);
-        if class - size >= TAG_BYTES {
-            // SAFETY: `class` is at most 4096 (so it cannot overflow `isize` when rounded up to
-            // `align`) and `align` is the layout's own, hence a power of two.
-            let request = unsafe { Layout::from_size_align_unchecked(class, align) };
-            return Some(Placement {
-                request,
-                tag: Tag::Inline {
-                    offset: class - TAG_BYTES,
-                },
-            });
-        }
+    let class = aligned_class(layout.size(), layout.align()).unwrap_or(SMALL_MAX);
+    Some(Placement {
+        request: layout,
+        tag: Tag::Side { class },
+    })
+}
+
+/// The common case, decided with one table lookup: jemalloc and a block of at most 4 KiB with
+/// ordinary alignment. Inline tag if its size class has 2 spare bytes, else the side table.
+#[inline(always)]
+fn small_placement<A: 'static>(layout: Layout) -> Option<Placement> {
+    let (size, align) = (layout.size(), layout.align());
+    if !has_jemalloc_layout::<A>() || align > QUANTUM || size > SMALL_MAX {
+        return None;
+    }
+    let class = small_class(size);
+    if class - size < TAG_BYTES {
         return Some(Placement {
             request: layout,
             tag: Tag::Side { class },
         });
     }
-    let class = aligned_class(size, align).unwrap_or(SMALL_MAX);
+    // SAFETY: `class` is at most 4096 (so it cannot overflow `isize` when rounded up to
+    // `align`) and `align` is the layout's own, hence a power of two.
+    let request = unsafe { Layout::from_size_align_unchecked(class, align) };
+    // Right after the program's bytes: the line it wrote last is the one most likely cached.
     Some(Placement {
-        request: layout,
-        tag: Tag::Side { class },
+        request,
+        tag: Tag::Inline { offset: size },
     })
 }
 
@@ -159,15 +169,73 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         }
     }
 
-    /// Shared by `alloc` and `alloc_zeroed`: `get` is the inner allocator's matching call.
+    /// Shared by `alloc` and `alloc_zeroed`: `get` is the inner allocator's matching call. The
+    /// fast path handles the common case without calls besides `get`; everything else (side
+    /// table, other allocators, a thread's first allocation) goes to `allocate_general`.
     #[inline(always)]
-    unsafe fn allocate(&self, layout: Layout, get: unsafe fn(&A, Layout) -> *mut u8) -> *mut u8 {
+    unsafe fn allocate<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
+        let Some(place) = small_placement::<A>(layout) else {
+            // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
+            return unsafe { self.allocate_general::<ZEROED>(layout) };
+        };
+        // SAFETY: `place.request` is at least as large as `layout` (non-zero size).
+        let block = unsafe { self.inner_alloc::<ZEROED>(place.request) };
+        if block.is_null() {
+            return block;
+        }
+        match (place.tag, Ledger::owned()) {
+            (Tag::Inline { offset }, Some(ledger)) => {
+                // SAFETY: `offset + 2` is within the bytes just requested for `block`.
+                unsafe {
+                    block
+                        .add(offset)
+                        .cast::<u16>()
+                        .write_unaligned(ledger.scope)
+                };
+                ledger.allocated(ledger.scope, layout.size());
+                block
+            }
+            // A tail call: the side table's lookup stays out of the inline path's registers.
+            // SAFETY: `block` was just returned for this layout's placement.
+            _ => unsafe { self.finish_block(block, layout) },
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn inner_alloc<const ZEROED: bool>(&self, request: Layout) -> *mut u8 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if ZEROED {
+                self.inner.alloc_zeroed(request)
+            } else {
+                self.inner.alloc(request)
+            }
+        }
+    }
+
+    /// Tags and counts a block `allocate` got on its fast path but did not finish there: a
+    /// side-table tag, or a thread without a slot yet (which claims one here).
+    #[inline(never)]
+    unsafe fn finish_block(&self, block: *mut u8, layout: Layout) -> *mut u8 {
+        if let Some(place) = placement::<A>(layout) {
+            let ledger = Ledger::current(&self.inner);
+            // SAFETY: the caller passes a block just allocated for this layout's placement.
+            let owner = unsafe { self.write_tag(block, place.tag, ledger.scope) };
+            ledger.allocated(owner, layout.size());
+        }
+        block
+    }
+
+    /// Everything the fast path in `allocate` does not take: large and over-aligned blocks, and
+    /// inner allocators other than jemalloc.
+    #[inline(never)]
+    unsafe fn allocate_general<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
         let Some(place) = placement::<A>(layout) else {
             return ptr::null_mut();
         };
         // SAFETY: `place.request` is at least as large as `layout`, which the caller guarantees
         // has a non-zero size.
-        let block = unsafe { get(&self.inner, place.request) };
+        let block = unsafe { self.inner_alloc::<ZEROED>(place.request) };
         if block.is_null() {
             return block;
         }
@@ -176,6 +244,23 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         let owner = unsafe { self.write_tag(block, place.tag, ledger.scope) };
         ledger.allocated(owner, layout.size());
         block
+    }
+
+    /// Every free the fast path in `dealloc` does not take: side-table tags, other allocators,
+    /// threads without a slot.
+    #[inline(never)]
+    unsafe fn dealloc_general(&self, block: *mut u8, layout: Layout) {
+        // A layout that was allocated always has a placement; answer gracefully regardless.
+        let Some(place) = placement::<A>(layout) else {
+            return;
+        };
+        // SAFETY: the caller guarantees `block` is live and was allocated here with `layout`.
+        let owner = unsafe { self.read_tag(block, place.tag) };
+        // Counted before the block goes back, so the inner free is a tail call: nothing needs to
+        // survive it. A snapshot in between sees the block freed a moment early; never negative.
+        Ledger::current(&self.inner).deallocated(owner, layout.size());
+        // SAFETY: `place.request` is what `alloc` requested for this `layout`.
+        unsafe { self.inner.dealloc(block, place.request) };
     }
 }
 
@@ -186,26 +271,27 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAlloc<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
-        unsafe { self.allocate(layout, |inner, request| inner.alloc(request)) }
+        unsafe { self.allocate::<false>(layout) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller upholds `GlobalAlloc::alloc_zeroed`'s contract.
-        unsafe { self.allocate(layout, |inner, request| inner.alloc_zeroed(request)) }
+        unsafe { self.allocate::<true>(layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
-        // A layout that was allocated always has a placement; answer gracefully regardless.
-        let Some(place) = placement::<A>(layout) else {
-            return;
-        };
-        // SAFETY: the caller guarantees `block` is live and was allocated here with `layout`.
-        let owner = unsafe { self.read_tag(block, place.tag) };
-        // SAFETY: `place.request` is what `alloc` requested for this `layout`.
-        unsafe { self.inner.dealloc(block, place.request) };
-        Ledger::current(&self.inner).deallocated(owner, layout.size());
+        if let (Some(place), Some(ledger)) = (small_placement::<A>(layout), Ledger::owned()) {
+            // SAFETY: the caller guarantees `block` is live and was allocated here with `layout`.
+            let owner = unsafe { self.read_tag(block, place.tag) };
+            // Counted before the block goes back, so the inner free is a tail call.
+            ledger.deallocated(owner, layout.size());
+            // SAFETY: `place.request` is what `alloc` requested for this `layout`.
+            return unsafe { self.inner.dealloc(block, place.request) };
+        }
+        // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
+        unsafe { self.dealloc_general(block, layout) }
     }
 
     #[inline]

@@ -54,11 +54,9 @@ pub(crate) struct Slot {
 impl Slot {
     #[inline(always)]
     fn row(&self, scope: u16) -> &Counters {
-        // An out-of-range id can only come from a corrupted tag (a heap overflow in the program);
-        // it is charged to `unscoped` rather than trusted.
-        self.rows
-            .get(scope as usize)
-            .unwrap_or(&self.rows[UNSCOPED_ID as usize])
+        // Masking keeps any id in bounds without a branch; an out-of-range id could only come
+        // from a tag corrupted by a heap overflow in the program.
+        &self.rows[scope as usize & (MAX_SCOPES - 1)]
     }
 }
 
@@ -135,12 +133,11 @@ pub(crate) fn replace_scope(scope: u16) -> u16 {
 }
 
 /// Where the current thread's allocation events go: the owner to tag new blocks with, and the
-/// slot to count in.
+/// slot to count in (`None`: the shared fallback slot, counted with atomic adds).
 #[derive(Clone, Copy)]
 pub(crate) struct Ledger {
     pub(crate) scope: u16,
-    slot: &'static Slot,
-    exclusive: bool,
+    slot: Option<&'static Slot>,
 }
 
 impl Ledger {
@@ -152,11 +149,23 @@ impl Ledger {
             match unsafe { state.slot.get().as_ref() } {
                 Some(slot) => Ledger {
                     scope: state.scope.get(),
-                    slot,
-                    exclusive: true,
+                    slot: Some(slot),
                 },
                 None => Self::without_slot(state, inner),
             }
+        })
+    }
+
+    /// The ledger of a thread that owns its slot, or `None` (then use [`Ledger::current`]).
+    /// Calls nothing, so a caller's fast path stays free of calls.
+    #[inline(always)]
+    pub(crate) fn owned() -> Option<Ledger> {
+        STATE.with(|state| {
+            // SAFETY: as in `current`.
+            unsafe { state.slot.get().as_ref() }.map(|slot| Ledger {
+                scope: state.scope.get(),
+                slot: Some(slot),
+            })
         })
     }
 
@@ -167,44 +176,66 @@ impl Ledger {
             Status::New => claim(state, inner),
             Status::Shared => Ledger {
                 scope: state.scope.get(),
-                slot: &SHARED,
-                exclusive: false,
+                slot: None,
             },
             Status::Busy | Status::Owner => Ledger {
                 scope: UNSCOPED_ID,
-                slot: &SHARED,
-                exclusive: false,
+                slot: None,
             },
         }
     }
 
     #[inline(always)]
     pub(crate) fn allocated(&self, owner: u16, bytes: usize) {
-        let row = self.slot.row(owner);
-        self.bump(&row.allocated_bytes, bytes as u64);
-        self.bump(&row.allocations, 1);
+        match self.slot {
+            Some(slot) => {
+                let row = slot.row(owner);
+                bump_own(&row.allocated_bytes, bytes as u64);
+                bump_own(&row.allocations, 1);
+            }
+            None => shared_allocated(owner, bytes),
+        }
     }
 
     #[inline(always)]
     pub(crate) fn deallocated(&self, owner: u16, bytes: usize) {
-        let row = self.slot.row(owner);
-        self.bump(&row.deallocated_bytes, bytes as u64);
-        self.bump(&row.deallocations, 1);
-    }
-
-    #[inline(always)]
-    fn bump(&self, counter: &AtomicU64, by: u64) {
-        if self.exclusive {
-            // Only this thread writes this slot: a plain load and store, no locked instruction.
-            // Release pairs with the snapshot's Acquire (see `totals`).
-            counter.store(
-                counter.load(Ordering::Relaxed).wrapping_add(by),
-                Ordering::Release,
-            );
-        } else {
-            counter.fetch_add(by, Ordering::AcqRel);
+        match self.slot {
+            Some(slot) => {
+                let row = slot.row(owner);
+                bump_own(&row.deallocated_bytes, bytes as u64);
+                bump_own(&row.deallocations, 1);
+            }
+            None => shared_deallocated(owner, bytes),
         }
     }
+}
+
+/// Adds to a counter of the thread's own slot: only this thread writes it, so a plain load and
+/// store suffice (no locked instruction). Release pairs with the snapshot's Acquire (`totals`).
+#[inline(always)]
+fn bump_own(counter: &AtomicU64, by: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Release,
+    );
+}
+
+#[cold]
+#[inline(never)]
+fn shared_allocated(owner: u16, bytes: usize) {
+    let row = SHARED.row(owner);
+    row.allocated_bytes
+        .fetch_add(bytes as u64, Ordering::AcqRel);
+    row.allocations.fetch_add(1, Ordering::AcqRel);
+}
+
+#[cold]
+#[inline(never)]
+fn shared_deallocated(owner: u16, bytes: usize) {
+    let row = SHARED.row(owner);
+    row.deallocated_bytes
+        .fetch_add(bytes as u64, Ordering::AcqRel);
+    row.deallocations.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Gives the thread a slot: a free one left by an exited thread, or a new one.

@@ -49,8 +49,27 @@ fn slot_of(addr: usize, class: usize) -> (usize, u32) {
 /// Records `owner` for the block at `addr` of jemalloc size class `class`. Returns the owner
 /// actually recorded: `owner`, or `unscoped` when the table could not get memory for this page
 /// (then [`owner_of`] also answers `unscoped` for it, so the books still balance).
-#[inline]
+#[inline(always)]
 pub(crate) fn record<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u16) -> u16 {
+    if let Some(entry) = find_leaf_entry(addr) {
+        let (slot, lg_slots) = slot_of(addr, class);
+        let current = entry.load(Ordering::Acquire);
+        if current != 0 && (current & 0xf) as u32 >= lg_slots {
+            // SAFETY: `current` (tag bits cleared) points to a published leaf of at least
+            // `1 << (current & 0xf)` slots that is never freed, and `slot < 1 << lg_slots`.
+            let leaf = unsafe { &*((current & !0xf) as *const AtomicU16).add(slot) };
+            leaf.store(owner, Ordering::Relaxed);
+            return owner;
+        }
+    }
+    record_growing(inner, addr, class, owner)
+}
+
+/// The first block of a page (or of a smaller class than the page's leaf holds): create the
+/// path to the page and a leaf large enough, then record.
+#[cold]
+#[inline(never)]
+fn record_growing<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u16) -> u16 {
     let Some(leaf_entry) = leaf_entry(inner, addr) else {
         return UNSCOPED_ID;
     };
@@ -58,8 +77,7 @@ pub(crate) fn record<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner
     let mut current = leaf_entry.load(Ordering::Acquire);
     loop {
         if current != 0 && (current & 0xf) as u32 >= lg_slots {
-            // SAFETY: `current` (tag bits cleared) points to a published leaf of at least
-            // `1 << (current & 0xf)` slots that is never freed, and `slot < 1 << lg_slots`.
+            // SAFETY: as in `record`.
             let leaf = unsafe { &*((current & !0xf) as *const AtomicU16).add(slot) };
             leaf.store(owner, Ordering::Relaxed);
             return owner;
@@ -97,7 +115,6 @@ pub(crate) fn owner_of(addr: usize, class: usize) -> u16 {
 }
 
 /// The entry that holds the leaf pointer of `addr`'s page, creating interior tables on the way.
-#[inline]
 fn leaf_entry<A: GlobalAlloc>(inner: &A, addr: usize) -> Option<&'static AtomicUsize> {
     let root = ROOT.get(addr >> (LG_PAGE + 2 * LG_FANOUT))?;
     let mid = node_or_create(inner, root)?;
@@ -106,7 +123,7 @@ fn leaf_entry<A: GlobalAlloc>(inner: &A, addr: usize) -> Option<&'static AtomicU
     Some(&low[(addr >> LG_PAGE) & (FANOUT - 1)])
 }
 
-#[inline]
+#[inline(always)]
 fn find_leaf_entry(addr: usize) -> Option<&'static AtomicUsize> {
     let mid = ROOT
         .get(addr >> (LG_PAGE + 2 * LG_FANOUT))?
