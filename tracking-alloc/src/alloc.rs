@@ -183,21 +183,16 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         if block.is_null() {
             return block;
         }
-        match (place.tag, Ledger::owned()) {
-            (Tag::Inline { offset }, Some(ledger)) => {
-                // SAFETY: `offset + 2` is within the bytes just requested for `block`.
-                unsafe {
-                    block
-                        .add(offset)
-                        .cast::<u16>()
-                        .write_unaligned(ledger.scope)
-                };
-                ledger.allocated(ledger.scope, layout.size());
+        match Ledger::owned() {
+            Some(ledger) => {
+                // SAFETY: `block` was just returned for `place.request`.
+                let owner = unsafe { self.write_tag(block, place.tag, ledger.scope) };
+                ledger.allocated(owner, layout.size());
                 block
             }
-            // A tail call: the side table's lookup stays out of the inline path's registers.
+            // A tail call, out of line: claim a slot for this thread, then tag and count.
             // SAFETY: `block` was just returned for this layout's placement.
-            _ => unsafe { self.finish_block(block, layout) },
+            None => unsafe { self.finish_block(block, layout) },
         }
     }
 
@@ -213,8 +208,8 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         }
     }
 
-    /// Tags and counts a block `allocate` got on its fast path but did not finish there: a
-    /// side-table tag, or a thread without a slot yet (which claims one here).
+    /// Tags and counts a block allocated by a thread without a slot yet (it claims one here).
+    #[cold]
     #[inline(never)]
     unsafe fn finish_block(&self, block: *mut u8, layout: Layout) -> *mut u8 {
         if let Some(place) = placement::<A>(layout) {
