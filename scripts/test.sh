@@ -85,9 +85,12 @@ step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --all-fea
 step "cargo test (unit, integration, end-to-end)" cargo test --workspace --all-features
 step "valgrind memcheck on the allocator stress tests" memcheck
 step "promtool and docker-compose config checks" config_checks
-if [ -d benches ] || grep -q '^\[\[bench\]\]' ./*/Cargo.toml 2>/dev/null; then
-    step "benchmarks execute (smoke run, no timing)" cargo bench --workspace -- --test
-fi
+bench_smoke() {
+    cargo bench -p alloc-bench --benches -- --test &&
+        cargo build --release -p alloc-bench --bins &&
+        target/release/compare --quick >/dev/null
+}
+step "benchmarks execute (smoke run, no timing)" bench_smoke
 
 echo
 if [ "$failed" -gt 0 ]; then

@@ -27,6 +27,12 @@ use tracking_alloc::{scope, MemoryScopeLayer, TrackingAlloc};
 static GLOBAL: TrackingAlloc<tikv_jemallocator::Jemalloc> =
     TrackingAlloc::new(tikv_jemallocator::Jemalloc);
 
+/// jemalloc's default options, embedded so heap profiles work with no environment variable:
+/// sampling on, one sample per 512 KiB allocated on average. `_RJEM_MALLOC_CONF` overrides it
+/// (`_RJEM_MALLOC_CONF=prof:false` turns profiling off).
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &[u8; 45] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
+
 const USAGE: &str = "\
 usage: demo [OPTIONS]
 
@@ -35,6 +41,14 @@ usage: demo [OPTIONS]
   --requests-per-sec N    simulated requests per second (default 200)
   --batch-every SECS      seconds between batch jobs (default 30)
   --batch-bytes BYTES     memory one batch job holds at its peak (default 67108864)
+  --no-debug-routes       do not serve /debug/* (heap profiles, dumps, release probes)
+  --debug-token TOKEN     require `Authorization: Bearer TOKEN` on /debug/*
+  --metrics-token TOKEN   require `Authorization: Bearer TOKEN` on /metrics
+  --dump-dir DIR          directory of stored heap dumps (default $TMPDIR/memory-exporter-dumps)
+  --dump-max-count N      stored dumps kept (default 32)
+  --auto-dump-growth BYTES  dump automatically when jemalloc allocated grows by BYTES (default off)
+  --auto-dump-cooldown SECS minimum seconds between automatic dumps (default 60)
+  --refresh-interval MS   milliseconds between jemalloc statistics refreshes (default 5000)
   -h, --help              show this help
 ";
 
@@ -44,6 +58,14 @@ struct Options {
     requests_per_sec: u64,
     batch_every: Duration,
     batch_bytes: usize,
+    debug_routes: bool,
+    debug_token: Option<String>,
+    metrics_token: Option<String>,
+    dump_dir: Option<String>,
+    dump_max_count: usize,
+    auto_dump_growth: Option<u64>,
+    auto_dump_cooldown: Duration,
+    refresh_interval: Duration,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -53,12 +75,24 @@ fn parse_options() -> Result<Options, String> {
         requests_per_sec: 200,
         batch_every: Duration::from_secs(30),
         batch_bytes: 64 << 20,
+        debug_routes: true,
+        debug_token: None,
+        metrics_token: None,
+        dump_dir: None,
+        dump_max_count: 32,
+        auto_dump_growth: None,
+        auto_dump_cooldown: Duration::from_secs(60),
+        refresh_interval: exporter::DEFAULT_REFRESH_INTERVAL,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             print!("{USAGE}");
             std::process::exit(0);
+        }
+        if flag == "--no-debug-routes" {
+            options.debug_routes = false;
+            continue;
         }
         let value = args
             .next()
@@ -83,6 +117,24 @@ fn parse_options() -> Result<Options, String> {
             "--batch-bytes" => {
                 options.batch_bytes = value.parse().map_err(|_| bad("a number of bytes"))?
             }
+            "--debug-token" => options.debug_token = Some(value),
+            "--metrics-token" => options.metrics_token = Some(value),
+            "--dump-dir" => options.dump_dir = Some(value),
+            "--dump-max-count" => {
+                options.dump_max_count = value.parse().map_err(|_| bad("a number"))?
+            }
+            "--auto-dump-growth" => {
+                options.auto_dump_growth =
+                    Some(value.parse().map_err(|_| bad("a number of bytes"))?)
+            }
+            "--auto-dump-cooldown" => {
+                let secs: u64 = value.parse().map_err(|_| bad("a number of seconds"))?;
+                options.auto_dump_cooldown = Duration::from_secs(secs);
+            }
+            "--refresh-interval" => {
+                let ms: u64 = value.parse().map_err(|_| bad("a number of milliseconds"))?;
+                options.refresh_interval = Duration::from_millis(ms);
+            }
             _ => return Err(format!("unknown option {flag}\n\n{USAGE}")),
         }
     }
@@ -103,7 +155,33 @@ fn main() {
         .init();
 
     // The exporter runs on its own thread, so a scrape is never starved by the service's load.
-    let exporter = match exporter::Exporter::builder().listen(options.listen).start() {
+    let mut builder = exporter::Exporter::builder()
+        .listen(options.listen)
+        .refresh_interval(options.refresh_interval)
+        .debug_routes(options.debug_routes)
+        .dump_limits(exporter::DumpLimits {
+            max_count: options.dump_max_count,
+            ..exporter::DumpLimits::default()
+        });
+    if let Some(token) = &options.debug_token {
+        builder = builder.debug_token(token);
+    }
+    if let Some(token) = &options.metrics_token {
+        builder = builder.metrics_token(token);
+    }
+    if let Some(dir) = &options.dump_dir {
+        builder = builder.dump_dir(dir);
+    }
+    if let Some(bytes) = options.auto_dump_growth {
+        builder = builder.auto_dump(exporter::AutoDump {
+            growth_bytes: Some(bytes),
+            cooldown: options.auto_dump_cooldown,
+            ..exporter::AutoDump::default()
+        });
+    }
+    let service = Service::default();
+    service.register_release_probes();
+    let exporter = match builder.start() {
         Ok(exporter) => exporter,
         Err(e) => {
             eprintln!("demo: {e}");
@@ -114,6 +192,9 @@ fn main() {
     println!("demo service running; memory metrics at:");
     println!("  http://{addr}/metrics");
     println!("  http://{addr}/       (all routes)");
+    if options.debug_routes {
+        println!("heap profile: go tool pprof http://{addr}/debug/pprof/heap");
+    }
     println!("press Ctrl-C to stop");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -122,7 +203,6 @@ fn main() {
         .build()
         .expect("cannot start the demo's tokio runtime");
     runtime.block_on(async {
-        let service = Service::default();
         let tasks = [
             tokio::spawn(service.clone().leak_sessions(options.leak_rate)),
             tokio::spawn(service.clone().serve_requests(options.requests_per_sec)),
@@ -163,6 +243,16 @@ struct Service {
 }
 
 impl Service {
+    /// Lets `POST /debug/memory/release?probe=cache|lru` measure what each cache holds.
+    fn register_release_probes(&self) {
+        let sessions = self.sessions.clone();
+        exporter::register_release("cache", move || *sessions.lock().unwrap() = HashMap::new())
+            .expect("a valid probe name");
+        let lru = self.lru.clone();
+        exporter::register_release("lru", move || *lru.lock().unwrap() = HashMap::new())
+            .expect("a valid probe name");
+    }
+
     /// Adds session state at `rate` bytes per second, forever.
     async fn leak_sessions(self, rate: u64) {
         let cache = Scope::named("cache");

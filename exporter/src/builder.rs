@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tracking_alloc::prelude::*;
 
 use crate::collectors::{register_all, ExporterMetrics, StatsCache};
+use crate::profiling::{AutoDump, DumpLimits, Profiler, ProfilingConfig};
 use crate::server::{self, Limits, ServerState};
 use crate::Error;
 
@@ -26,6 +27,10 @@ pub struct ExporterBuilder {
     refresh_interval: Duration,
     registries: Vec<prometheus::Registry>,
     limits: Limits,
+    debug_routes: bool,
+    profiling: ProfilingConfig,
+    debug_token: Option<String>,
+    metrics_token: Option<String>,
 }
 
 impl Default for ExporterBuilder {
@@ -35,6 +40,10 @@ impl Default for ExporterBuilder {
             refresh_interval: DEFAULT_REFRESH_INTERVAL,
             registries: Vec::new(),
             limits: Limits::default(),
+            debug_routes: false,
+            profiling: ProfilingConfig::default(),
+            debug_token: None,
+            metrics_token: None,
         }
     }
 }
@@ -71,6 +80,51 @@ impl ExporterBuilder {
         self
     }
 
+    /// Serves the `/debug/*` routes: heap profiles, stored dumps, release probes (default off:
+    /// they expose the program's internals; set a [`debug_token`](Self::debug_token) too when
+    /// the address is reachable by others).
+    pub fn debug_routes(mut self, enabled: bool) -> Self {
+        self.debug_routes = enabled;
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on every `/debug/*` request.
+    pub fn debug_token(mut self, token: impl Into<String>) -> Self {
+        self.debug_token = Some(token.into()).filter(|t| !t.is_empty());
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on `/metrics` (Prometheus: `authorization`).
+    pub fn metrics_token(mut self, token: impl Into<String>) -> Self {
+        self.metrics_token = Some(token.into()).filter(|t| !t.is_empty());
+        self
+    }
+
+    /// Directory of stored heap dumps (default `$TMPDIR/memory-exporter-dumps`, created if it
+    /// is the default; a directory you name must exist).
+    pub fn dump_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.profiling.dump_dir = dir.into();
+        self
+    }
+
+    /// How many stored dumps, and how many bytes of them, the ring keeps.
+    pub fn dump_limits(mut self, limits: DumpLimits) -> Self {
+        self.profiling.limits = limits;
+        self
+    }
+
+    /// Takes heap dumps automatically when memory grows (see [`AutoDump`]).
+    pub fn auto_dump(mut self, auto: AutoDump) -> Self {
+        self.profiling.auto = Some(auto);
+        self
+    }
+
+    /// Upper bound of a timed profile's `?seconds=` (default 300).
+    pub fn max_profile_seconds(mut self, seconds: u64) -> Self {
+        self.profiling.max_seconds = seconds.max(1);
+        self
+    }
+
     /// Binds the listener, takes a first reading, and starts the refresh task and the server:
     /// on the current tokio runtime if there is one, else on a thread of its own.
     pub fn start(self) -> Result<ExporterHandle, Error> {
@@ -98,16 +152,31 @@ impl ExporterBuilder {
         }
         let mut registries = vec![registry.clone()];
         registries.extend(self.registries);
+        let profiler = self.debug_routes.then(|| {
+            if self.profiling.dump_dir == ProfilingConfig::default().dump_dir {
+                let _ = std::fs::create_dir_all(&self.profiling.dump_dir);
+            }
+            Profiler::new(self.profiling, health.prof_dumps.clone()).shared()
+        });
         let state = Arc::new(ServerState {
             registries,
             health: health.clone(),
             limits: self.limits,
+            profiler: profiler.clone(),
+            debug_token: self.debug_token,
+            metrics_token: self.metrics_token,
         });
 
         let (stop, stopped) = watch::channel(false);
         let interval = self.refresh_interval;
         let run = async move {
-            let refresh = tokio::spawn(refresh_loop(cache, health, interval, stopped.clone()));
+            let refresh = tokio::spawn(refresh_loop(
+                cache,
+                health,
+                profiler,
+                interval,
+                stopped.clone(),
+            ));
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => server::serve(listener, state, stopped).await,
                 Err(e) => tracing::error!("memory exporter: cannot serve: {e}"),
@@ -142,6 +211,7 @@ impl ExporterBuilder {
 async fn refresh_loop(
     cache: StatsCache,
     health: ExporterMetrics,
+    profiler: Option<Arc<Profiler>>,
     interval: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -153,11 +223,15 @@ async fn refresh_loop(
             _ = stopped.changed() => return,
             _ = ticks.tick() => {}
         }
-        let (cache, health) = (cache.clone(), health.clone());
+        let (cache, health, profiler) = (cache.clone(), health.clone(), profiler.clone());
         // Advancing the epoch takes jemalloc's arena locks: keep it off the async workers.
         let refreshed = tokio::task::spawn_blocking(move || {
             let _g = Scope::named("exporter").enter();
-            health.refresh(&cache)
+            let result = health.refresh(&cache);
+            if let Some(Some(Err(e))) = profiler.map(|p| p.check_auto(&cache.get())) {
+                tracing::warn!("memory exporter: automatic heap dump failed: {e}");
+            }
+            result
         })
         .await;
         match refreshed {

@@ -419,7 +419,7 @@ mod tests {
     fn scope_collector_exports_every_scope_with_its_counters() {
         let held = {
             let _g = Scope::named("collector-test").enter();
-            vec![0u8; 12345]
+            std::hint::black_box(vec![0u8; 12345])
         };
         let families = ScopeCollector::new().collect();
         let live = family(&families, "memory_scope_live_bytes");

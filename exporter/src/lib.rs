@@ -28,13 +28,18 @@
 
 mod builder;
 pub mod collectors;
+mod debug;
 mod error;
+pub mod profiling;
+mod release;
 mod server;
 pub mod stats;
 
 pub use builder::{ExporterBuilder, ExporterHandle, DEFAULT_LISTEN, DEFAULT_REFRESH_INTERVAL};
 pub use collectors::{JemallocCollector, ScopeCollector, StatsCache};
 pub use error::Error;
+pub use profiling::{AutoDump, AutoMetric, DumpLimits, ProfilingConfig};
+pub use release::{register_release, release_probes};
 
 /// Entry point: `Exporter::builder()…start()`.
 pub struct Exporter;

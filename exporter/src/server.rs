@@ -22,6 +22,8 @@ use tokio::sync::{watch, Semaphore};
 use tracking_alloc::prelude::*;
 
 use crate::collectors::ExporterMetrics;
+use crate::debug::{self, Query};
+use crate::profiling::{ProfileError, Profiler};
 
 pub(crate) type Body = Full<Bytes>;
 
@@ -51,13 +53,96 @@ pub(crate) struct ServerState {
     pub registries: Vec<prometheus::Registry>,
     pub health: ExporterMetrics,
     pub limits: Limits,
+    /// Present when debug routes are enabled.
+    pub profiler: Option<Arc<Profiler>>,
+    /// Bearer token required on `/debug/*`, if set.
+    pub debug_token: Option<String>,
+    /// Bearer token required on `/metrics`, if set.
+    pub metrics_token: Option<String>,
 }
 
-/// A route and the methods it answers; anything else on a known path is 405.
-const ROUTES: &[(&str, &[Method])] = &[
-    ("/", &[Method::GET, Method::HEAD]),
-    ("/metrics", &[Method::GET, Method::HEAD]),
+#[derive(Debug, Clone, PartialEq)]
+enum Route {
+    Index,
+    Metrics,
+    Heap,
+    Activate,
+    Deactivate,
+    Status,
+    Dumps,
+    Dump(String),
+    Release,
+}
+
+impl Route {
+    fn is_debug(&self) -> bool {
+        !matches!(self, Route::Index | Route::Metrics)
+    }
+}
+
+const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+const GET_POST: &[Method] = &[Method::GET, Method::POST];
+
+/// Every route, for the index page: methods, path, what it does.
+const ROUTES: &[(&str, &str, &str)] = &[
+    ("GET", "/metrics", "Prometheus metrics (text format 0.0.4)"),
+    ("GET", "/debug/pprof/heap", "live heap profile; ?format=pprof|jeprof|svg|collapsed, ?seconds=N (timed), ?base=ID (growth since a stored dump)"),
+    ("POST", "/debug/pprof/heap/activate", "start sampling allocations (prof.active=true)"),
+    ("POST", "/debug/pprof/heap/deactivate", "stop sampling allocations (prof.active=false)"),
+    ("GET", "/debug/pprof/status", "profiling state and stored dumps (JSON)"),
+    ("GET,POST", "/debug/pprof/dumps", "list stored dumps / take one now"),
+    ("GET", "/debug/pprof/dumps/{id}", "a stored dump; ?format=pprof|jeprof|svg|collapsed"),
+    ("POST", "/debug/memory/release", "run release probes and report the bytes freed; ?probe=NAME|all"),
 ];
+
+fn route(path: &str) -> Option<(Route, &'static [Method])> {
+    Some(match path {
+        "/" => (Route::Index, GET_HEAD),
+        "/metrics" => (Route::Metrics, GET_HEAD),
+        "/debug/pprof/heap" => (Route::Heap, GET),
+        "/debug/pprof/heap/activate" => (Route::Activate, POST),
+        "/debug/pprof/heap/deactivate" => (Route::Deactivate, POST),
+        "/debug/pprof/status" => (Route::Status, GET),
+        "/debug/pprof/dumps" => (Route::Dumps, GET_POST),
+        "/debug/memory/release" => (Route::Release, POST),
+        other => {
+            let id = other.strip_prefix("/debug/pprof/dumps/")?;
+            if id.is_empty() || id.contains('/') {
+                return None;
+            }
+            (Route::Dump(id.to_owned()), GET)
+        }
+    })
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(request: &Request<Incoming>, token: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+}
+
+fn unauthorized(what: &str) -> Response<Body> {
+    let mut response = text(
+        StatusCode::UNAUTHORIZED,
+        format!("{what} needs a token: send the header `Authorization: Bearer <token>` with the token the service was configured with.\n"),
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"memory-exporter\""),
+    );
+    response
+}
 
 pub(crate) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body.into())));
@@ -71,11 +156,20 @@ pub(crate) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body
 
 async fn handle(state: Arc<ServerState>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path();
-    let Some((_, methods)) = ROUTES.iter().find(|(route, _)| *route == path) else {
+    let Some((route, methods)) = route(path) else {
         return text(
             StatusCode::NOT_FOUND,
             format!("no route {path}. Metrics are at GET /metrics; GET / lists every route.\n"),
         );
+    };
+    let profiler = match (&state.profiler, route.is_debug()) {
+        (None, true) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("{path} is a debug route, and debug routes are disabled. Enable them with Exporter::builder().debug_routes(true) (the demo enables them unless --no-debug-routes).\n"),
+            )
+        }
+        (profiler, _) => profiler.clone(),
     };
     if !methods.contains(request.method()) {
         let allowed: Vec<_> = methods.iter().map(Method::as_str).collect();
@@ -92,27 +186,94 @@ async fn handle(state: Arc<ServerState>, request: Request<Incoming>) -> Response
         }
         return response;
     }
-    let mut response = match path {
-        "/metrics" => metrics(&state),
-        _ => index(),
+    if route == Route::Metrics && !authorized(&request, state.metrics_token.as_deref()) {
+        state.health.scrapes.with_label_values(&["401"]).inc();
+        return unauthorized("/metrics");
+    }
+    if route.is_debug() && !authorized(&request, state.debug_token.as_deref()) {
+        return unauthorized("/debug/*");
+    }
+    if request.method() == Method::POST && has_body(&request) {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{path} takes no request body; parameters go in the query string.\n"),
+        );
+    }
+    let head = request.method() == Method::HEAD;
+    let mut response = match (route, profiler) {
+        (Route::Index, _) => index(state.profiler.is_some()),
+        (Route::Metrics, _) => metrics(&state),
+        (route, Some(profiler)) => debug_route(route, &request, profiler)
+            .await
+            .unwrap_or_else(|e| debug::error_response(&e)),
+        (_, None) => unreachable!("debug routes without a profiler returned 404 above"),
     };
-    if request.method() == Method::HEAD {
+    if head {
         *response.body_mut() = Full::new(Bytes::new());
     }
     response
 }
 
-fn index() -> Response<Body> {
+fn has_body(request: &Request<Incoming>) -> bool {
+    let headers = request.headers();
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+async fn debug_route(
+    route: Route,
+    request: &Request<Incoming>,
+    profiler: Arc<Profiler>,
+) -> Result<Response<Body>, ProfileError> {
+    let query = request.uri().query();
+    let post = request.method() == Method::POST;
+    match route {
+        Route::Heap => {
+            debug::heap(
+                profiler,
+                Query::parse(query, &["format", "seconds", "base"])?,
+            )
+            .await
+        }
+        Route::Activate | Route::Deactivate => {
+            Query::parse(query, &[])?;
+            debug::set_active(route == Route::Activate)
+        }
+        Route::Status => {
+            Query::parse(query, &[])?;
+            Ok(debug::json(StatusCode::OK, &profiler.status()))
+        }
+        Route::Dumps if post => {
+            Query::parse(query, &[])?;
+            debug::store(profiler).await
+        }
+        Route::Dumps => {
+            Query::parse(query, &[])?;
+            Ok(debug::json(StatusCode::OK, &profiler.list()))
+        }
+        Route::Dump(id) => debug::stored(profiler, id, Query::parse(query, &["format"])?).await,
+        Route::Release => debug::release(Query::parse(query, &["probe"])?).await,
+        Route::Index | Route::Metrics => unreachable!("not a debug route"),
+    }
+}
+
+fn index(debug: bool) -> Response<Body> {
     let routes: Vec<_> = ROUTES
         .iter()
-        .map(|(path, methods)| {
-            let methods: Vec<_> = methods.iter().map(Method::as_str).collect();
-            format!("{:<10} {path}", methods.join(","))
-        })
+        .filter(|(_, path, _)| debug || !path.starts_with("/debug/"))
+        .map(|(methods, path, what)| format!("{methods:<9} {path:<30} {what}"))
         .collect();
+    let note = if debug {
+        ""
+    } else {
+        "\n(debug routes are disabled)"
+    };
     text(
         StatusCode::OK,
-        format!("memory exporter\n\n{}\n", routes.join("\n")),
+        format!("memory exporter\n\n{}{note}\n", routes.join("\n")),
     )
 }
 

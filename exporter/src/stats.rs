@@ -208,7 +208,7 @@ mod tests {
             "{}",
             before.malloc_conf
         );
-        let held = vec![1u8; 64 << 20];
+        let held = std::hint::black_box(vec![1u8; 64 << 20]);
         let during = JemallocStats::read().unwrap();
         assert!(during.allocated >= before.allocated + (64 << 20) - (1 << 20));
         drop(held);

@@ -1,0 +1,139 @@
+//! jemalloc's profiling controls (`prof.*` mallctls), with errors that name the fix.
+
+use std::ffi::CString;
+use std::os::raw::c_char;
+use std::path::Path;
+
+use tikv_jemalloc_ctl::raw;
+
+use super::ProfileError;
+
+/// Whether heap profiles can be taken, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// jemalloc was built without profiling support.
+    NotCompiled,
+    /// Built with profiling, but the process started without `prof:true`.
+    NotEnabled,
+    /// Profiles can be taken; `active` says whether sampling is on right now.
+    Enabled { active: bool },
+}
+
+fn read_bool(key: &[u8]) -> Option<bool> {
+    // SAFETY: the keys passed here name boolean mallctls.
+    unsafe { raw::read::<bool>(key) }.ok()
+}
+
+/// Reads jemalloc's profiling state.
+pub fn availability() -> Availability {
+    if read_bool(b"config.prof\0") != Some(true) {
+        return Availability::NotCompiled;
+    }
+    if read_bool(b"opt.prof\0") != Some(true) {
+        return Availability::NotEnabled;
+    }
+    Availability::Enabled {
+        active: read_bool(b"prof.active\0").unwrap_or(false),
+    }
+}
+
+/// The error for every profiling route when profiles cannot be taken, naming the fix.
+pub fn require_enabled() -> Result<bool, ProfileError> {
+    match availability() {
+        Availability::Enabled { active } => Ok(active),
+        Availability::NotCompiled => Err(ProfileError::NotAvailable(
+            "heap profiling is not compiled into this binary's jemalloc. Enable the `profiling` \
+             feature of tikv-jemallocator (tikv-jemallocator = { features = [\"profiling\"] }) and \
+             rebuild."
+                .into(),
+        )),
+        Availability::NotEnabled => Err(ProfileError::NotAvailable(
+            "heap profiling was not enabled when the process started. Start it with \
+             _RJEM_MALLOC_CONF=prof:true (tikv-jemallocator's default, prefixed build; a build with \
+             the unprefixed_malloc_on_supported_platforms feature reads MALLOC_CONF instead), or \
+             embed the default in the binary: #[export_name = \"_rjem_malloc_conf\"] static \
+             MALLOC_CONF: &[u8; 39] = b\"prof:true,prof_active:true,lg_prof_sample:19\\0\"; \
+             (see the README, section Heap profiles). prof:true cannot be switched on at run time."
+                .into(),
+        )),
+    }
+}
+
+/// log2 of the average bytes between samples.
+pub fn lg_sample() -> u32 {
+    // SAFETY: `prof.lg_sample` is a size_t.
+    unsafe { raw::read::<usize>(b"prof.lg_sample\0") }.map_or(0, |v| v as u32)
+}
+
+/// Turns sampling on or off; returns the previous state.
+pub fn set_active(active: bool) -> Result<bool, ProfileError> {
+    require_enabled()?;
+    // SAFETY: `prof.active` is a bool, readable and writable.
+    unsafe { raw::update::<bool>(b"prof.active\0", active) }
+        .map_err(|e| ProfileError::Internal(format!("setting jemalloc's prof.active failed: {e}")))
+}
+
+/// Writes a heap profile (jemalloc's `heap_v2` text) to `path`, which the exporter chose.
+///
+/// jemalloc reports every failure as "interface with side effects failed"; the checks before
+/// the call report the real cause (missing directory, no permission, disk full).
+pub fn dump_to(path: &Path) -> Result<(), ProfileError> {
+    require_enabled()?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    check_writable(dir)?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        ProfileError::Internal(format!("dump path {} contains a NUL byte", path.display()))
+    })?;
+    // SAFETY: `prof.dump` takes a `const char *` file name; `c_path` outlives the call.
+    unsafe { raw::write::<*const c_char>(b"prof.dump\0", c_path.as_ptr()) }.map_err(|e| {
+        ProfileError::Storage(format!(
+            "jemalloc could not write the heap profile to {}: {e} (check free space and \
+             permissions of {})",
+            path.display(),
+            dir.display()
+        ))
+    })
+}
+
+/// Checks that `dir` exists and a file can be created and written in it.
+pub fn check_writable(dir: &Path) -> Result<(), ProfileError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(ProfileError::Storage(format!(
+                "the dump directory {} is not a directory; point the exporter's dump_dir (demo: \
+                 --dump-dir) at a writable directory",
+                dir.display()
+            )))
+        }
+        Err(e) => {
+            return Err(ProfileError::Storage(format!(
+                "the dump directory {} is missing or unreadable ({e}); create it or point the \
+                 exporter's dump_dir (demo: --dump-dir) at a writable directory",
+                dir.display()
+            )))
+        }
+    }
+    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+    let written = std::fs::write(&probe, [0u8; 4096]);
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| {
+        let cause = match e.raw_os_error() {
+            Some(28) => "the disk is full".to_owned(), // ENOSPC
+            Some(13) | Some(1) => "permission denied".to_owned(), // EACCES, EPERM
+            Some(30) => "the file system is read-only".to_owned(), // EROFS
+            _ => e.to_string(),
+        };
+        ProfileError::Storage(format!(
+            "cannot write heap profiles to {}: {cause}. Free space, fix its permissions, or point \
+             the exporter's dump_dir (demo: --dump-dir) elsewhere",
+            dir.display()
+        ))
+    })
+}
+
+/// Returns the dirty pages of all arenas to the OS, so that resident memory reflects a release.
+pub fn purge() {
+    // SAFETY: `arena.<i>.purge` takes no value; 4096 is MALLCTL_ARENAS_ALL.
+    let _ = unsafe { raw::write::<()>(b"arena.4096.purge\0", ()) };
+}

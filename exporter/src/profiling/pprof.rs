@@ -1,0 +1,245 @@
+//! The pprof protobuf format (`profile.proto`), gzipped, as `go tool pprof` reads it.
+//!
+//! Messages are declared with `prost`'s derive instead of hand-written encoding; only the fields
+//! a heap profile uses are declared (the others default to empty, as protobuf allows).
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use super::heap_dump::HeapProfile;
+use super::symbols::{mappings, Symbolizer};
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Profile {
+    #[prost(message, repeated, tag = "1")]
+    sample_type: Vec<ValueType>,
+    #[prost(message, repeated, tag = "2")]
+    sample: Vec<Sample>,
+    #[prost(message, repeated, tag = "3")]
+    mapping: Vec<Mapping>,
+    #[prost(message, repeated, tag = "4")]
+    location: Vec<Location>,
+    #[prost(message, repeated, tag = "5")]
+    function: Vec<Function>,
+    #[prost(string, repeated, tag = "6")]
+    string_table: Vec<String>,
+    #[prost(int64, tag = "9")]
+    time_nanos: i64,
+    #[prost(message, optional, tag = "11")]
+    period_type: Option<ValueType>,
+    #[prost(int64, tag = "12")]
+    period: i64,
+    #[prost(int64, repeated, tag = "13")]
+    comment: Vec<i64>,
+    #[prost(int64, tag = "14")]
+    default_sample_type: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ValueType {
+    #[prost(int64, tag = "1")]
+    r#type: i64,
+    #[prost(int64, tag = "2")]
+    unit: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Sample {
+    #[prost(uint64, repeated, tag = "1")]
+    location_id: Vec<u64>,
+    #[prost(int64, repeated, tag = "2")]
+    value: Vec<i64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Mapping {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(uint64, tag = "2")]
+    memory_start: u64,
+    #[prost(uint64, tag = "3")]
+    memory_limit: u64,
+    #[prost(uint64, tag = "4")]
+    file_offset: u64,
+    #[prost(int64, tag = "5")]
+    filename: i64,
+    #[prost(int64, tag = "6")]
+    build_id: i64,
+    #[prost(bool, tag = "7")]
+    has_functions: bool,
+    #[prost(bool, tag = "8")]
+    has_filenames: bool,
+    #[prost(bool, tag = "9")]
+    has_line_numbers: bool,
+    #[prost(bool, tag = "10")]
+    has_inline_frames: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Location {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(uint64, tag = "2")]
+    mapping_id: u64,
+    #[prost(uint64, tag = "3")]
+    address: u64,
+    #[prost(message, repeated, tag = "4")]
+    line: Vec<Line>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Line {
+    #[prost(uint64, tag = "1")]
+    function_id: u64,
+    #[prost(int64, tag = "2")]
+    line: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Function {
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    #[prost(int64, tag = "2")]
+    name: i64,
+    #[prost(int64, tag = "3")]
+    system_name: i64,
+    #[prost(int64, tag = "4")]
+    filename: i64,
+}
+
+/// pprof's string table: index 0 is always "".
+#[derive(Default)]
+struct Strings {
+    index: HashMap<String, i64>,
+    table: Vec<String>,
+}
+
+impl Strings {
+    fn id(&mut self, s: &str) -> i64 {
+        if self.table.is_empty() {
+            self.table.push(String::new());
+            self.index.insert(String::new(), 0);
+        }
+        if let Some(&id) = self.index.get(s) {
+            return id;
+        }
+        let id = self.table.len() as i64;
+        self.table.push(s.to_owned());
+        self.index.insert(s.to_owned(), id);
+        id
+    }
+}
+
+/// Encodes `heap` (sampled counts, unbiased here) as a gzipped pprof profile with two sample
+/// types, `objects`/`count` and `space`/`bytes`, symbolized in-process.
+pub fn encode(heap: &HeapProfile, symbols: &mut Symbolizer, comment: &str) -> Vec<u8> {
+    let mut strings = Strings::default();
+    strings.id("");
+    let value_type = |strings: &mut Strings, kind: &str, unit: &str| ValueType {
+        r#type: strings.id(kind),
+        unit: strings.id(unit),
+    };
+    let sample_type = vec![
+        value_type(&mut strings, "objects", "count"),
+        value_type(&mut strings, "space", "bytes"),
+    ];
+
+    let maps = mappings(&heap.maps);
+    let mapping: Vec<Mapping> = maps
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Mapping {
+            id: i as u64 + 1,
+            memory_start: m.start,
+            memory_limit: m.limit,
+            file_offset: m.offset,
+            filename: strings.id(&m.path),
+            build_id: strings.id(m.build_id.as_deref().unwrap_or("")),
+            has_functions: true,
+            has_filenames: true,
+            has_line_numbers: true,
+            has_inline_frames: true,
+        })
+        .collect();
+
+    let mut locations: HashMap<u64, u64> = HashMap::new();
+    let mut location = Vec::new();
+    let mut functions: HashMap<(String, Option<String>), u64> = HashMap::new();
+    let mut function = Vec::new();
+    let mut sample = Vec::new();
+    for stack in &heap.stacks {
+        let addrs = symbols.trim_allocator_frames(&stack.addrs);
+        let mut location_id = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let id = match locations.get(&addr) {
+                Some(&id) => id,
+                None => {
+                    let id = location.len() as u64 + 1;
+                    let line = symbols
+                        .frames(addr)
+                        .iter()
+                        .map(|frame| {
+                            let key = (frame.function.clone(), frame.file.clone());
+                            let function_id = *functions.entry(key).or_insert_with(|| {
+                                let id = function.len() as u64 + 1;
+                                let name = strings.id(&frame.function);
+                                function.push(Function {
+                                    id,
+                                    name,
+                                    system_name: name,
+                                    filename: strings.id(frame.file.as_deref().unwrap_or("")),
+                                });
+                                id
+                            });
+                            Line {
+                                function_id,
+                                line: frame.line.map_or(0, i64::from),
+                            }
+                        })
+                        .collect();
+                    let mapping_id = maps
+                        .iter()
+                        .position(|m| (m.start..m.limit).contains(&addr))
+                        .map_or(0, |i| i as u64 + 1);
+                    location.push(Location {
+                        id,
+                        mapping_id,
+                        address: addr,
+                        line,
+                    });
+                    locations.insert(addr, id);
+                    id
+                }
+            };
+            location_id.push(id);
+        }
+        let (objects, bytes) = stack.unbiased(heap.period);
+        sample.push(Sample {
+            location_id,
+            value: vec![objects.round() as i64, bytes.round() as i64],
+        });
+    }
+
+    let period_type = Some(value_type(&mut strings, "space", "bytes"));
+    let default_sample_type = strings.id("space");
+    let comment = vec![strings.id(comment)];
+    let profile = Profile {
+        sample_type,
+        sample,
+        mapping,
+        location,
+        function,
+        string_table: std::mem::take(&mut strings.table),
+        time_nanos: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64),
+        period_type,
+        period: heap.period as i64,
+        comment,
+        default_sample_type,
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&prost::Message::encode_to_vec(&profile))
+        .expect("writing to a Vec cannot fail");
+    gz.finish().expect("writing to a Vec cannot fail")
+}
