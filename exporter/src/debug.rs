@@ -11,80 +11,10 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
+use crate::params::Query;
 use crate::profiling::{Format, ProfileError, Profiler, RestoreActive, Trigger};
 use crate::release;
 use crate::server::{text, Body};
-
-/// Parsed query parameters; unknown ones are refused so typos do not pass silently.
-pub(crate) struct Query(Vec<(String, String)>);
-
-impl Query {
-    pub(crate) fn parse(query: Option<&str>, allowed: &[&str]) -> Result<Query, ProfileError> {
-        let mut params = Vec::new();
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let (key, value) = (percent_decode(key)?, percent_decode(value)?);
-            if !allowed.contains(&key.as_str()) {
-                return Err(ProfileError::BadRequest(format!(
-                    "unknown parameter {key:?}; this route takes {}",
-                    if allowed.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        allowed.join(", ")
-                    }
-                )));
-            }
-            if params.iter().any(|(k, _): &(String, String)| *k == key) {
-                return Err(ProfileError::BadRequest(format!(
-                    "parameter {key:?} given twice"
-                )));
-            }
-            params.push((key, value));
-        }
-        Ok(Query(params))
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn format(&self) -> Result<Format, ProfileError> {
-        self.get("format").map_or(Ok(Format::Pprof), Format::parse)
-    }
-}
-
-fn percent_decode(text: &str) -> Result<String, ProfileError> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| {
-                        ProfileError::BadRequest(format!("bad percent-encoding in {text:?}"))
-                    })?;
-                out.push(hex);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| ProfileError::BadRequest(format!("{text:?} is not UTF-8")))
-}
 
 pub(crate) fn error_response(error: &ProfileError) -> Response<Body> {
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -123,6 +53,10 @@ fn rendered(rendered: crate::profiling::Rendered) -> Response<Body> {
     response
 }
 
+fn format_of(query: &Query) -> Result<Format, ProfileError> {
+    query.get("format").map_or(Ok(Format::Pprof), Format::parse)
+}
+
 /// Runs `work` on a blocking thread; a panic there becomes a 500, never a crash.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ProfileError> + Send + 'static,
@@ -137,7 +71,7 @@ pub(crate) async fn heap(
     profiler: Arc<Profiler>,
     query: Query,
 ) -> Result<Response<Body>, ProfileError> {
-    let format = query.format()?;
+    let format = format_of(&query)?;
     crate::profiling::ctl::require_enabled()?;
     let seconds = query
         .get("seconds")
@@ -219,7 +153,7 @@ pub(crate) async fn stored(
     id: String,
     query: Query,
 ) -> Result<Response<Body>, ProfileError> {
-    let format = query.format()?;
+    let format = format_of(&query)?;
     let p = profiler.clone();
     blocking(move || {
         let (info, profile) = p.stored(&id)?;

@@ -30,10 +30,14 @@ mod builder;
 pub mod collectors;
 mod debug;
 mod error;
+pub mod params;
 pub mod profiling;
 mod release;
 mod server;
 pub mod stats;
+
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use builder::{ExporterBuilder, ExporterHandle, DEFAULT_LISTEN, DEFAULT_REFRESH_INTERVAL};
 pub use collectors::{JemallocCollector, ScopeCollector, StatsCache};

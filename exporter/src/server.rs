@@ -22,7 +22,8 @@ use tokio::sync::{watch, Semaphore};
 use tracking_alloc::prelude::*;
 
 use crate::collectors::ExporterMetrics;
-use crate::debug::{self, Query};
+use crate::debug;
+use crate::params::Query;
 use crate::profiling::{ProfileError, Profiler};
 
 pub(crate) type Body = Full<Bytes>;

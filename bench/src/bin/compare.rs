@@ -9,7 +9,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -30,7 +30,7 @@ fn case(binary: &'static str, label: &'static str, args: &[&str]) -> Case {
     }
 }
 
-fn run(dir: &PathBuf, case: &Case) -> Value {
+fn run(dir: &Path, case: &Case) -> Value {
     let out = Command::new(dir.join(case.binary))
         .args(&case.args)
         .envs(case.env.iter().copied())
@@ -72,7 +72,7 @@ fn machine() -> String {
 
 /// Runs `cases` for `rounds` rounds, interleaved; returns the median of `field` per label.
 fn measure(
-    dir: &PathBuf,
+    dir: &Path,
     cases: &[Case],
     rounds: usize,
     field: &str,
@@ -286,7 +286,7 @@ fn main() {
 
 /// Instructions per alloc+free pair, counted by callgrind: deterministic, so regressions show
 /// despite a noisy machine. The difference of two runs (N and 2N pairs) cancels start-up.
-fn callgrind(dir: &PathBuf, quick: bool) {
+fn callgrind(dir: &Path, quick: bool) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         println!(
             "\n(valgrind not installed: instruction counts skipped; apt-get install valgrind)"

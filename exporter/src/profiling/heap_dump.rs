@@ -138,10 +138,9 @@ impl HeapProfile {
 
     /// The profile in jemalloc's own text format, readable by `jeprof`.
     pub fn to_text(&self) -> String {
-        let (objects, bytes) = self
-            .stacks
-            .iter()
-            .fold((0, 0), |(o, b), s| (o + s.objects, b + s.bytes));
+        let (objects, bytes) = self.stacks.iter().fold((0u64, 0u64), |(o, b), s| {
+            (o.saturating_add(s.objects), b.saturating_add(s.bytes))
+        });
         let mut out = format!("heap_v2/{}\n  t*: {objects}: {bytes} [0: 0]\n", self.period);
         for stack in &self.stacks {
             out.push('@');
