@@ -71,12 +71,7 @@ fn machine() -> String {
 }
 
 /// Runs `cases` for `rounds` rounds, interleaved; returns the median of `field` per label.
-fn measure(
-    dir: &Path,
-    cases: &[Case],
-    rounds: usize,
-    field: &str,
-) -> BTreeMap<&'static str, f64> {
+fn measure(dir: &Path, cases: &[Case], rounds: usize, field: &str) -> BTreeMap<&'static str, f64> {
     let mut samples: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for _ in 0..rounds {
         for case in cases {
