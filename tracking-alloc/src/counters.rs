@@ -187,25 +187,41 @@ impl Ledger {
 
     #[inline(always)]
     pub(crate) fn allocated(&self, owner: u16, bytes: usize) {
-        match self.slot {
-            Some(slot) => {
-                let row = slot.row(owner);
-                bump_own(&row.allocated_bytes, bytes as u64);
-                bump_own(&row.allocations, 1);
-            }
-            None => shared_allocated(owner, bytes),
-        }
+        self.count(Event::Allocated, owner, bytes);
     }
 
     #[inline(always)]
     pub(crate) fn deallocated(&self, owner: u16, bytes: usize) {
+        self.count(Event::Deallocated, owner, bytes);
+    }
+
+    #[inline(always)]
+    fn count(&self, event: Event, owner: u16, bytes: usize) {
         match self.slot {
             Some(slot) => {
-                let row = slot.row(owner);
-                bump_own(&row.deallocated_bytes, bytes as u64);
-                bump_own(&row.deallocations, 1);
+                let (total, count) = slot.row(owner).of(event);
+                bump_own(total, bytes as u64);
+                bump_own(count, 1);
             }
-            None => shared_deallocated(owner, bytes),
+            None => count_shared(event, owner, bytes),
+        }
+    }
+}
+
+/// Which pair of counters an operation moves.
+#[derive(Clone, Copy)]
+enum Event {
+    Allocated,
+    Deallocated,
+}
+
+impl Counters {
+    /// The byte and block counters of `event`.
+    #[inline(always)]
+    fn of(&self, event: Event) -> (&AtomicU64, &AtomicU64) {
+        match event {
+            Event::Allocated => (&self.allocated_bytes, &self.allocations),
+            Event::Deallocated => (&self.deallocated_bytes, &self.deallocations),
         }
     }
 }
@@ -220,22 +236,13 @@ fn bump_own(counter: &AtomicU64, by: u64) {
     );
 }
 
+/// Counts in the shared fallback slot, which any thread may write: atomic adds.
 #[cold]
 #[inline(never)]
-fn shared_allocated(owner: u16, bytes: usize) {
-    let row = SHARED.row(owner);
-    row.allocated_bytes
-        .fetch_add(bytes as u64, Ordering::AcqRel);
-    row.allocations.fetch_add(1, Ordering::AcqRel);
-}
-
-#[cold]
-#[inline(never)]
-fn shared_deallocated(owner: u16, bytes: usize) {
-    let row = SHARED.row(owner);
-    row.deallocated_bytes
-        .fetch_add(bytes as u64, Ordering::AcqRel);
-    row.deallocations.fetch_add(1, Ordering::AcqRel);
+fn count_shared(event: Event, owner: u16, bytes: usize) {
+    let (total, count) = SHARED.row(owner).of(event);
+    total.fetch_add(bytes as u64, Ordering::AcqRel);
+    count.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Gives the thread a slot: a free one left by an exited thread, or a new one.
