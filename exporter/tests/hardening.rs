@@ -253,6 +253,43 @@ fn dump_directory_faults_are_reported_and_the_service_keeps_running() {
     }
 }
 
+/// A full dump directory: a 64 KiB tmpfs filled up. Needs root (mount); skipped otherwise.
+#[test]
+fn a_full_dump_directory_is_reported() {
+    let _serial = PROFILING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("full");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(dir.path())
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root): {mounted:?}");
+        return;
+    }
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let filler = dir.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 128 * 1024]); // fails part-way: the disk is full
+    let exporter = builder()
+        .debug_routes(true)
+        .dump_dir(dir.path())
+        .start()
+        .unwrap();
+    let response = request(exporter.local_addr(), "POST", "/debug/pprof/dumps", &[]);
+    assert_eq!(response.status, 500, "{}", response.text());
+    assert!(
+        response.text().contains("the disk is full"),
+        "{}",
+        response.text()
+    );
+    assert_eq!(get(exporter.local_addr(), "/metrics").status, 200);
+}
+
 #[test]
 fn a_panicking_release_probe_is_reported_not_fatal() {
     let dir = TempDir::new("probe");
