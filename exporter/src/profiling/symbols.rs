@@ -50,6 +50,15 @@ impl Symbolizer {
                     line: None,
                 });
             }
+            // Inlined allocator plumbing (`alloc::alloc::alloc`, `Global::alloc_impl`) on top of
+            // the program's own frame at this address says nothing; drop it, keep the rest.
+            let plumbing = frames
+                .iter()
+                .take_while(|f| is_allocator_frame(&f.function))
+                .count();
+            if plumbing < frames.len() {
+                frames.drain(..plumbing);
+            }
             frames
         })
     }
@@ -86,6 +95,7 @@ fn is_allocator_frame(function: &str) -> bool {
         "__rust_",
         "__rdl_",
         "alloc::alloc::",
+        "<alloc::alloc::Global",
         "std::alloc::",
         "0x",
     ];
