@@ -18,7 +18,7 @@ use std::ptr;
 
 use crate::counters::Ledger;
 use crate::side_table;
-use crate::size_class::{aligned_class, small_class, QUANTUM, SMALL_MAX};
+use crate::size_class::{aligned_class, small_class_aligned, QUANTUM, SMALL_MAX};
 
 const TAG_BYTES: usize = size_of::<u16>();
 
@@ -121,7 +121,9 @@ fn small_placement<A: 'static>(layout: Layout) -> Option<Placement> {
     if !has_jemalloc_layout::<A>() || align > QUANTUM || size > SMALL_MAX {
         return None;
     }
-    let class = small_class(size);
+    // A size below its alignment gets the alignment's class, and must be indexed as such in
+    // the side table.
+    let class = small_class_aligned(size, align);
     if class - size < TAG_BYTES {
         return Some(Placement {
             request: layout,

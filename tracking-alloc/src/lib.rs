@@ -114,8 +114,12 @@ pub mod prelude {
 }
 
 /// The size class the allocator assumes jemalloc uses for `(size, align)` when it is at most
-/// 4 KiB; exposed for the test that checks it against `nallocx`.
+/// 4 KiB, by the same functions the hot path uses; exposed for the test that checks it against
+/// `nallocx`.
 #[doc(hidden)]
 pub fn __size_class_model(size: usize, align: usize) -> Option<usize> {
+    if size <= size_class::SMALL_MAX && align <= size_class::QUANTUM {
+        return Some(size_class::small_class_aligned(size, align));
+    }
     size_class::aligned_class(size, align)
 }

@@ -48,6 +48,14 @@ pub(crate) fn small_class(size: usize) -> usize {
     }
 }
 
+/// The size class of a small request with ordinary alignment (`size <= SMALL_MAX`,
+/// `align <= QUANTUM`): jemalloc rounds `size` up to `align` first, and since every class of
+/// 16 bytes or more is a multiple of 16, that is the class of the larger of the two.
+#[inline(always)]
+pub(crate) fn small_class_aligned(size: usize, align: usize) -> usize {
+    small_class(size.max(align))
+}
+
 /// The size class of an aligned request, as jemalloc's `sz_sa2u` computes it, for requests whose
 /// rounded size is at most [`SMALL_MAX`]; `None` for anything larger (page-sized or more).
 #[inline]

@@ -37,31 +37,34 @@ fn tikv_jemalloc_ctl_nallocx(size: usize) -> usize {
     unsafe { tikv_jemalloc_sys::nallocx(size, 0) }
 }
 
-/// Over-aligned layouts go through the side table with jemalloc's aligned size classes.
+/// Over-aligned layouts, and sizes below their alignment, go through the side table with
+/// jemalloc's aligned size classes. Neighbouring blocks alternate between two scopes, so a
+/// side-table slot shared by two live blocks would show up as misattributed bytes.
 #[test]
 fn over_aligned_blocks_are_tracked() {
     use std::alloc::{alloc, dealloc, Layout};
-    let scope = Scope::named("aligned");
-    let mut blocks = Vec::with_capacity(4000);
-    let mut bytes = 0;
-    {
-        let _g = scope.enter();
-        for (i, align) in [32usize, 64, 128, 4096, 8192]
-            .iter()
-            .cycle()
-            .take(4000)
-            .enumerate()
-        {
-            let layout = Layout::from_size_align(1 + i % 300, *align).unwrap();
-            // SAFETY: non-zero size.
-            let p = unsafe { alloc(layout) };
-            assert!(!p.is_null());
-            assert_eq!(p as usize % align, 0);
-            bytes += layout.size() as u64;
-            blocks.push((p as usize, layout));
+    let scopes = [Scope::named("aligned-a"), Scope::named("aligned-b")];
+    let mut blocks = Vec::with_capacity(8000);
+    let mut bytes = [0u64; 2];
+    for i in 0..8000 {
+        // A quarter are 16-byte blocks, a quarter 6–8 bytes aligned to 16, which jemalloc serves
+        // from the same 16-byte class (so they share slabs); the rest are over-aligned.
+        let layout = match i % 4 {
+            0 => Layout::from_size_align(16, 8),
+            1 => Layout::from_size_align(8 - i % 3, 16),
+            _ => Layout::from_size_align(1 + i % 300, [32, 64, 128, 4096, 8192][i % 5]),
         }
+        .unwrap();
+        let _g = scopes[i % 2].enter();
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc(layout) };
+        assert!(!p.is_null());
+        assert_eq!(p as usize % layout.align(), 0);
+        bytes[i % 2] += layout.size() as u64;
+        blocks.push((p as usize, layout));
     }
-    assert_eq!(common::stats("aligned").live_bytes, bytes);
+    let live = |name| common::stats(name).live_bytes;
+    assert_eq!([live("aligned-a"), live("aligned-b")], bytes);
     std::thread::spawn(move || {
         for (p, layout) in blocks {
             // SAFETY: allocated above with this layout.
@@ -70,8 +73,10 @@ fn over_aligned_blocks_are_tracked() {
     })
     .join()
     .unwrap();
-    let s = common::stats("aligned");
-    assert_eq!((s.live_bytes, s.deallocations), (0, 4000), "{s:?}");
+    for name in ["aligned-a", "aligned-b"] {
+        let s = common::stats(name);
+        assert_eq!((s.live_bytes, s.deallocations), (0, 4000), "{s:?}");
+    }
 }
 
 /// A future in a scope is charged on every worker thread that polls it, while other tasks on the

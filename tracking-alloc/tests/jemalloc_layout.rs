@@ -16,7 +16,7 @@ fn model_matches_nallocx() {
             Some(real).filter(|&c| c <= 4096),
             "size {size}"
         );
-        for lg_align in 5..=12 {
+        for lg_align in 0..=12 {
             let align = 1usize << lg_align;
             // SAFETY: as above.
             let real = unsafe { nallocx(size, MALLOCX_ALIGN(align)) };
