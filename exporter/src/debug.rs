@@ -61,9 +61,15 @@ fn format_of(query: &Query) -> Result<Format, ProfileError> {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ProfileError> + Send + 'static,
 ) -> Result<T, ProfileError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ProfileError::Internal(format!("the profiling task failed: {e}")))?
+    tokio::task::spawn_blocking(|| {
+        // The exporter's own memory (dumps, symbol tables) is charged to its scope.
+        let _scope = tracking_alloc::Scope::named("exporter").enter();
+        let result = work();
+        Profiler::release_scratch_memory();
+        result
+    })
+    .await
+    .map_err(|e| ProfileError::Internal(format!("the profiling task failed: {e}")))?
 }
 
 /// `GET /debug/pprof/heap[?format=..][&seconds=N][&base=ID]`.

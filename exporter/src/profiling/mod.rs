@@ -302,6 +302,7 @@ impl Profiler {
             Format::Svg => render::flamegraph(profile, &mut symbols, &title),
             Format::Collapsed => render::collapsed(profile, &mut symbols).into_bytes(),
         };
+
         Rendered {
             body,
             content_type: format.content_type(),
@@ -387,6 +388,15 @@ impl Profiler {
             state.dumped(value, Instant::now());
         }
         Some(result)
+    }
+
+    /// Frees what rendering left behind. The parsed debug info of the binary (tens of MB for a
+    /// large one) would otherwise stay cached for the life of the service; profiles are rare,
+    /// so it is parsed again each time, and the freed pages go back to the OS now rather than
+    /// after jemalloc's decay time.
+    pub fn release_scratch_memory() {
+        backtrace::clear_symbol_cache();
+        ctl::purge();
     }
 
     /// Shared so route handlers can move it onto blocking threads.
