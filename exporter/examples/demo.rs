@@ -338,7 +338,7 @@ impl Service {
 
 /// Every `every`, builds an index of about `bytes` bytes on a blocking thread, uses it, drops it.
 async fn run_batches(every: Duration, bytes: usize) {
-    let mut ticks = tokio::time::interval(every);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         ticks.tick().await;
         let job = tokio::task::spawn_blocking(move || {
