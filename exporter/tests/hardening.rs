@@ -290,6 +290,30 @@ fn a_full_dump_directory_is_reported() {
     assert_eq!(get(exporter.local_addr(), "/metrics").status, 200);
 }
 
+/// A mallctl that fails inside jemalloc (`prof.dump` to a path that is a directory) becomes an
+/// error naming the file, not a crash; the profiling routes keep working afterwards.
+#[test]
+fn a_failing_mallctl_is_reported() {
+    let _serial = PROFILING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("mallctl");
+    let target = dir.path().join("taken.heap");
+    std::fs::create_dir(&target).unwrap();
+    let error = exporter::profiling::ctl::dump_to(&target).unwrap_err();
+    assert_eq!(error.status(), 500);
+    assert!(
+        error
+            .to_string()
+            .contains("could not write the heap profile"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("taken.heap"), "{error}");
+    let exporter = debug_exporter(&dir);
+    assert_eq!(
+        get(exporter.local_addr(), "/debug/pprof/heap?format=collapsed").status,
+        200
+    );
+}
+
 #[test]
 fn a_panicking_release_probe_is_reported_not_fatal() {
     let dir = TempDir::new("probe");
