@@ -20,11 +20,13 @@
 //! ```
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{LazyLock, RwLock};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
-use tracing::Subscriber;
+use tracing::{Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -43,6 +45,27 @@ impl MemoryScopeLayer {
     pub fn new() -> Self {
         MemoryScopeLayer::default()
     }
+}
+
+/// Spans without a `memory_scope` field are named after their callsite: cache the scope per
+/// callsite so creating a span costs a read lock and a pointer lookup, not the registry's lock.
+fn scope_of_callsite(metadata: &'static Metadata<'static>) -> Scope {
+    static BY_CALLSITE: LazyLock<RwLock<HashMap<usize, Scope>>> = LazyLock::new(Default::default);
+    let key = metadata as *const Metadata<'static> as usize;
+    if let Some(&scope) = BY_CALLSITE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+    {
+        return scope;
+    }
+    let scope = Scope::named(metadata.name());
+    let _bookkeeping = Scope::UNSCOPED.enter();
+    BY_CALLSITE
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, scope);
+    scope
 }
 
 /// The scope stored in a span's extensions.
@@ -75,12 +98,13 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let scope = if attrs.metadata().fields().field(SCOPE_FIELD).is_some() {
+        let metadata = attrs.metadata();
+        let scope = if metadata.fields().field(SCOPE_FIELD).is_some() {
             let mut visitor = ScopeFieldVisitor::default();
             attrs.record(&mut visitor);
-            Scope::named(visitor.0.as_deref().unwrap_or(attrs.metadata().name()))
+            Scope::named(visitor.0.as_deref().unwrap_or(metadata.name()))
         } else {
-            Scope::named(attrs.metadata().name())
+            scope_of_callsite(metadata)
         };
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(SpanScope(scope));
