@@ -253,41 +253,55 @@ fn dump_directory_faults_are_reported_and_the_service_keeps_running() {
     }
 }
 
-/// A full dump directory: a 64 KiB tmpfs filled up. Needs root (mount); skipped otherwise.
-#[test]
-fn a_full_dump_directory_is_reported() {
-    let _serial = PROFILING.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("full");
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(dir.path())
-        .output();
-    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root): {mounted:?}");
-        return;
-    }
-    struct Unmount<'a>(&'a std::path::Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
+/// Mounts a small tmpfs at `dir` with `options`, unmounted on drop; `None` without the privilege.
+struct Tmpfs<'a>(&'a std::path::Path);
+
+impl<'a> Tmpfs<'a> {
+    fn mount(dir: &'a std::path::Path, options: &str) -> Option<Tmpfs<'a>> {
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .output();
+        if mounted.as_ref().is_ok_and(|o| o.status.success()) {
+            Some(Tmpfs(dir))
+        } else {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root): {mounted:?}");
+            None
         }
     }
-    let _unmount = Unmount(dir.path());
-    let filler = dir.path().join("filler");
-    let _ = std::fs::write(&filler, vec![0u8; 128 * 1024]); // fails part-way: the disk is full
-    let exporter = builder()
-        .debug_routes(true)
-        .dump_dir(dir.path())
-        .start()
-        .unwrap();
-    let response = request(exporter.local_addr(), "POST", "/debug/pprof/dumps", &[]);
-    assert_eq!(response.status, 500, "{}", response.text());
-    assert!(
-        response.text().contains("the disk is full"),
-        "{}",
-        response.text()
-    );
-    assert_eq!(get(exporter.local_addr(), "/metrics").status, 200);
+}
+
+impl Drop for Tmpfs<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0).status();
+    }
+}
+
+/// A full dump directory (a 64 KiB tmpfs filled up) and a read-only one: 500 naming the cause.
+/// Needs root to mount; skipped otherwise.
+#[test]
+fn full_and_read_only_dump_directories_are_reported() {
+    let _serial = PROFILING.lock().unwrap_or_else(|e| e.into_inner());
+    let (full, read_only) = (TempDir::new("full"), TempDir::new("read-only"));
+    let Some(_full) = Tmpfs::mount(full.path(), "size=64k") else {
+        return;
+    };
+    let Some(_read_only) = Tmpfs::mount(read_only.path(), "ro,size=64k") else {
+        return;
+    };
+    // Fails part-way: the disk is full.
+    let _ = std::fs::write(full.path().join("filler"), vec![0u8; 128 * 1024]);
+    for (dir, cause) in [(&full, "the disk is full"), (&read_only, "read-only")] {
+        let exporter = builder()
+            .debug_routes(true)
+            .dump_dir(dir.path())
+            .start()
+            .unwrap();
+        let response = request(exporter.local_addr(), "POST", "/debug/pprof/dumps", &[]);
+        assert_eq!(response.status, 500, "{}", response.text());
+        assert!(response.text().contains(cause), "{}", response.text());
+        assert_eq!(get(exporter.local_addr(), "/metrics").status, 200);
+    }
 }
 
 /// A mallctl that fails inside jemalloc (`prof.dump` to a path that is a directory) becomes an
