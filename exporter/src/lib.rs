@@ -1,6 +1,6 @@
 //! jemalloc and per-scope memory metrics for Prometheus, served from inside your service.
 //!
-//! ```no_run
+//! ```
 //! use tracking_alloc::TrackingAlloc;
 //!
 //! #[global_allocator]
@@ -9,10 +9,11 @@
 //!
 //! fn main() -> Result<(), exporter::Error> {
 //!     let exporter = exporter::Exporter::builder()
-//!         .listen("127.0.0.1:9464".parse().unwrap())
+//!         .listen("127.0.0.1:0".parse().unwrap()) // default 127.0.0.1:9464; 0 picks a free port
 //!         .refresh_interval(std::time::Duration::from_secs(5))
 //!         .start()?; // its own thread here; a task when called inside a tokio runtime
-//!     // … run the service; scrape http://127.0.0.1:9464/metrics …
+//!     println!("metrics at http://{}/metrics", exporter.local_addr());
+//!     // … run the service …
 //!     exporter.shutdown();
 //!     Ok(())
 //! }
