@@ -151,28 +151,19 @@ fn main() {
     println!("| allocator | jemalloc allocated | ratio | jemalloc resident | ratio |");
     println!("|---|---|---|---|---|");
     let entries = if quick { "2000" } else { "300000" };
-    let heap_cases = [
-        case(
-            "bench-jemalloc",
-            "jemalloc",
-            &["heap", "--ops", entries, "--mode", "none"],
-        ),
-        case(
-            "bench-tracked",
-            "tracked",
-            &["heap", "--ops", entries, "--mode", "scope"],
-        ),
-        case(
+    let heap_cases: Vec<Case> = [
+        ("bench-jemalloc", "jemalloc", "none"),
+        ("bench-tracked", "tracked", "scope"),
+        (
             "bench-shared-atomic",
             "shared-atomic (2-byte trailer)",
-            &["heap", "--ops", entries, "--mode", "scope"],
+            "scope",
         ),
-        case(
-            "bench-tracking-allocator",
-            "tracking-allocator",
-            &["heap", "--ops", entries, "--mode", "scope"],
-        ),
-    ];
+        ("bench-tracking-allocator", "tracking-allocator", "scope"),
+    ]
+    .into_iter()
+    .map(|(binary, label, mode)| case(binary, label, &["heap", "--ops", entries, "--mode", mode]))
+    .collect();
     let results: Vec<(&str, Value)> = heap_cases.iter().map(|c| (c.label, run(&dir, c))).collect();
     let base = &results[0].1;
     for (label, r) in &results {
