@@ -171,9 +171,9 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         }
     }
 
-    /// Shared by `alloc` and `alloc_zeroed`: `get` is the inner allocator's matching call. The
-    /// fast path handles the common case without calls besides `get`; everything else (side
-    /// table, other allocators, a thread's first allocation) goes to `allocate_general`.
+    /// Shared by `alloc` and `alloc_zeroed` (`ZEROED` picks the inner call). Small jemalloc blocks
+    /// take a path whose only call is the inner allocator's; large and over-aligned blocks and
+    /// other inner allocators go to `allocate_general`, a thread's first block to `finish_block`.
     #[inline(always)]
     unsafe fn allocate<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
         let Some(place) = small_placement::<A>(layout) else {
@@ -215,12 +215,23 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
     #[inline(never)]
     unsafe fn finish_block(&self, block: *mut u8, layout: Layout) -> *mut u8 {
         if let Some(place) = placement::<A>(layout) {
-            let ledger = Ledger::current(&self.inner);
             // SAFETY: the caller passes a block just allocated for this layout's placement.
-            let owner = unsafe { self.write_tag(block, place.tag, ledger.scope) };
-            ledger.allocated(owner, layout.size());
+            unsafe { self.tag_and_count(block, place.tag, layout.size()) };
         }
         block
+    }
+
+    /// Tags a fresh block with the current scope (claiming a slot if the thread has none) and
+    /// counts it.
+    ///
+    /// # Safety
+    /// `block` was just returned by the inner allocator for `tag`'s placement.
+    #[inline(always)]
+    unsafe fn tag_and_count(&self, block: *mut u8, tag: Tag, size: usize) {
+        let ledger = Ledger::current(&self.inner);
+        // SAFETY: forwarded from the caller.
+        let owner = unsafe { self.write_tag(block, tag, ledger.scope) };
+        ledger.allocated(owner, size);
     }
 
     /// Everything the fast path in `allocate` does not take: large and over-aligned blocks, and
@@ -233,13 +244,10 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         // SAFETY: `place.request` is at least as large as `layout`, which the caller guarantees
         // has a non-zero size.
         let block = unsafe { self.inner_alloc::<ZEROED>(place.request) };
-        if block.is_null() {
-            return block;
+        if !block.is_null() {
+            // SAFETY: `block` was just returned for `place.request`.
+            unsafe { self.tag_and_count(block, place.tag, layout.size()) };
         }
-        let ledger = Ledger::current(&self.inner);
-        // SAFETY: `block` was just returned for `place.request`.
-        let owner = unsafe { self.write_tag(block, place.tag, ledger.scope) };
-        ledger.allocated(owner, layout.size());
         block
     }
 

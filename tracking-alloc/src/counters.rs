@@ -144,16 +144,7 @@ impl Ledger {
     /// The current thread's ledger; claims a slot on the thread's first allocation.
     #[inline(always)]
     pub(crate) fn current<A: GlobalAlloc>(inner: &A) -> Ledger {
-        STATE.with(|state| {
-            // SAFETY: a non-null `slot` was published by `claim` for this thread and is never freed.
-            match unsafe { state.slot.get().as_ref() } {
-                Some(slot) => Ledger {
-                    scope: state.scope.get(),
-                    slot: Some(slot),
-                },
-                None => Self::without_slot(state, inner),
-            }
-        })
+        Self::owned().unwrap_or_else(|| STATE.with(|state| Self::without_slot(state, inner)))
     }
 
     /// The ledger of a thread that owns its slot, or `None` (then use [`Ledger::current`]).
@@ -161,7 +152,7 @@ impl Ledger {
     #[inline(always)]
     pub(crate) fn owned() -> Option<Ledger> {
         STATE.with(|state| {
-            // SAFETY: as in `current`.
+            // SAFETY: a non-null `slot` was published by `claim` for this thread and is never freed.
             unsafe { state.slot.get().as_ref() }.map(|slot| Ledger {
                 scope: state.scope.get(),
                 slot: Some(slot),

@@ -46,6 +46,19 @@ fn slot_of(addr: usize, class: usize) -> (usize, u32) {
     )
 }
 
+/// The slot for `slot` in the leaf that `entry` (a leaf pointer tagged with log2 of its slot
+/// count) points to, if there is a leaf and it has at least `1 << lg_slots` slots.
+#[inline(always)]
+fn leaf_slot(entry: usize, slot: usize, lg_slots: u32) -> Option<&'static AtomicU16> {
+    if entry == 0 || ((entry & 0xf) as u32) < lg_slots {
+        return None;
+    }
+    // SAFETY: a non-zero entry (tag bits cleared) points to a published leaf of
+    // `1 << (entry & 0xf)` zero-initialised slots that is never freed, and `slot < 1 << lg_slots`
+    // (callers take both from `slot_of`), which is at most that.
+    Some(unsafe { &*((entry & !0xf) as *const AtomicU16).add(slot) })
+}
+
 /// Records `owner` for the block at `addr` of jemalloc size class `class`. Returns the owner
 /// actually recorded: `owner`, or `unscoped` when the table could not get memory for this page
 /// (then [`owner_of`] also answers `unscoped` for it, so the books still balance).
@@ -53,11 +66,7 @@ fn slot_of(addr: usize, class: usize) -> (usize, u32) {
 pub(crate) fn record<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u16) -> u16 {
     if let Some(entry) = find_leaf_entry(addr) {
         let (slot, lg_slots) = slot_of(addr, class);
-        let current = entry.load(Ordering::Acquire);
-        if current != 0 && (current & 0xf) as u32 >= lg_slots {
-            // SAFETY: `current` (tag bits cleared) points to a published leaf of at least
-            // `1 << (current & 0xf)` slots that is never freed, and `slot < 1 << lg_slots`.
-            let leaf = unsafe { &*((current & !0xf) as *const AtomicU16).add(slot) };
+        if let Some(leaf) = leaf_slot(entry.load(Ordering::Acquire), slot, lg_slots) {
             leaf.store(owner, Ordering::Relaxed);
             return owner;
         }
@@ -76,9 +85,7 @@ fn record_growing<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u
     let (slot, lg_slots) = slot_of(addr, class);
     let mut current = leaf_entry.load(Ordering::Acquire);
     loop {
-        if current != 0 && (current & 0xf) as u32 >= lg_slots {
-            // SAFETY: as in `record`.
-            let leaf = unsafe { &*((current & !0xf) as *const AtomicU16).add(slot) };
+        if let Some(leaf) = leaf_slot(current, slot, lg_slots) {
             leaf.store(owner, Ordering::Relaxed);
             return owner;
         }
@@ -102,16 +109,9 @@ fn record_growing<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u
 /// The owner recorded for the block at `addr` of class `class`, or `unscoped` if none was.
 #[inline]
 pub(crate) fn owner_of(addr: usize, class: usize) -> u16 {
-    let Some(leaf_entry) = find_leaf_entry(addr) else {
-        return UNSCOPED_ID;
-    };
-    let current = leaf_entry.load(Ordering::Acquire);
     let (slot, lg_slots) = slot_of(addr, class);
-    if current == 0 || ((current & 0xf) as u32) < lg_slots {
-        return UNSCOPED_ID;
-    }
-    // SAFETY: as in `record`: a published, never-freed leaf with more than `slot` slots.
-    unsafe { &*((current & !0xf) as *const AtomicU16).add(slot) }.load(Ordering::Relaxed)
+    let entry = find_leaf_entry(addr).map_or(0, |e| e.load(Ordering::Acquire));
+    leaf_slot(entry, slot, lg_slots).map_or(UNSCOPED_ID, |leaf| leaf.load(Ordering::Relaxed))
 }
 
 /// The entry that holds the leaf pointer of `addr`'s page, creating interior tables on the way.

@@ -182,10 +182,16 @@ fn main() {
 
     println!("\n## Service: serde_json parsing into maps on tokio tasks (2 workers), wall time\n");
     let requests = if quick { "2000" } else { "200000" };
-    let cases = [
+    let cases: Vec<Case> = [
+        ("bench-jemalloc", "jemalloc", "none"),
+        ("bench-tracked", "tracked, scoped tasks", "scope"),
+        ("bench-tracked", "tracked, unscoped", "none"),
+    ]
+    .into_iter()
+    .map(|(binary, label, mode)| {
         case(
-            "bench-jemalloc",
-            "jemalloc",
+            binary,
+            label,
             &[
                 "service",
                 "--ops",
@@ -193,36 +199,11 @@ fn main() {
                 "--threads",
                 "2",
                 "--mode",
-                "none",
+                mode,
             ],
-        ),
-        case(
-            "bench-tracked",
-            "tracked, scoped tasks",
-            &[
-                "service",
-                "--ops",
-                requests,
-                "--threads",
-                "2",
-                "--mode",
-                "scope",
-            ],
-        ),
-        case(
-            "bench-tracked",
-            "tracked, unscoped",
-            &[
-                "service",
-                "--ops",
-                requests,
-                "--threads",
-                "2",
-                "--mode",
-                "none",
-            ],
-        ),
-    ];
+        )
+    })
+    .collect();
     let m = measure(&dir, &cases, rounds, "wall_s");
     println!("| allocator | wall (s) | throughput vs jemalloc |\n|---|---|---|");
     for (label, wall) in &m {

@@ -313,7 +313,7 @@ impl Profiler {
     /// Writes a dump into the ring, evicting the oldest past the limits, and counts it.
     pub fn store_dump(&self, trigger: Trigger) -> Result<DumpInfo, ProfileError> {
         let result = (|| {
-            ctl::check_writable(self.store.dir())?;
+            // `dump_to` checks the directory first and names the cause if it is unusable.
             let (id, path) = self.store.next(trigger);
             ctl::dump_to(&path)?;
             let evicted = self.store.evict();
