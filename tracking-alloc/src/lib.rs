@@ -69,7 +69,7 @@
 //! **Measured** (`BENCHMARKS.md`, 2 cores, against bare jemalloc):
 //! - heap of `HashMap<String, Vec<u64>>` + `Box<u64>` + `String`: jemalloc allocated **1.018×**
 //!   (resident 1.031×), where a 2-byte trailer on every block costs 1.22×;
-//! - instructions per alloc+free pair: +68 (inline tag), +82 (side table) over jemalloc's 147;
+//! - instructions per alloc+free pair: +74 (inline tag), +87 (side table) over jemalloc's 147;
 //! - alloc/free churn: 1.16–1.34× CPU, the same on 1, 2 and 4 threads (shared atomic counters:
 //!   1.8–2.9× on 2–4 threads). That misses the 1.05× goal in a loop that does nothing but
 //!   allocate; a serde/tokio service workload runs at 0.88–0.94× throughput.
