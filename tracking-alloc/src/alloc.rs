@@ -51,27 +51,73 @@ impl<A: GlobalAlloc> TrackingAlloc<A> {
 /// [`crate::size_class`]: true for `tikv_jemallocator::Jemalloc` on 64-bit x86 and ARM (jemalloc's
 /// quantum is 16 bytes there). Decided at compile time: the comparison folds to a constant.
 #[inline(always)]
-#[cfg_attr(
-    not(all(
-        feature = "jemalloc",
-        any(target_arch = "x86_64", target_arch = "aarch64")
-    )),
-    allow(clippy::extra_unused_type_parameters)
-)]
+#[cfg_attr(not(jemalloc_layout), allow(clippy::extra_unused_type_parameters))]
 fn has_jemalloc_layout<A: 'static>() -> bool {
-    #[cfg(all(
-        feature = "jemalloc",
-        any(target_arch = "x86_64", target_arch = "aarch64")
-    ))]
+    #[cfg(jemalloc_layout)]
     {
         std::any::TypeId::of::<A>() == std::any::TypeId::of::<tikv_jemallocator::Jemalloc>()
     }
-    #[cfg(not(all(
-        feature = "jemalloc",
-        any(target_arch = "x86_64", target_arch = "aarch64")
-    )))]
+    #[cfg(not(jemalloc_layout))]
     {
         false
+    }
+}
+
+/// Allocates a block of a [`small_placement`] request: its size is its size class, at least its
+/// alignment, which is at most 16. For such a layout `Jemalloc` calls `malloc` (or `calloc`)
+/// after checking the alignment; the fast path calls it directly and saves the check.
+///
+/// # Safety
+/// `request` came from [`small_placement`] (so `A` is `Jemalloc`), with a non-zero size.
+#[inline(always)]
+unsafe fn small_alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
+    inner: &A,
+    request: Layout,
+) -> *mut u8 {
+    #[cfg(jemalloc_layout)]
+    if has_jemalloc_layout::<A>() {
+        // SAFETY: jemalloc's `malloc` and `calloc` accept any size; their result is aligned to
+        // 16 bytes for sizes of 16 or more and to 8 for the 8-byte class, which covers
+        // `request.align()` (at most 16 and at most the size, see above).
+        return unsafe {
+            if ZEROED {
+                tikv_jemalloc_sys::calloc(1, request.size())
+            } else {
+                tikv_jemalloc_sys::malloc(request.size())
+            }
+        }
+        .cast();
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { inner_alloc::<A, ZEROED>(inner, request) }
+}
+
+/// Frees a block allocated by [`small_alloc`]: jemalloc's sized free with no flags, which is
+/// what `Jemalloc::dealloc` computes for such a layout.
+///
+/// # Safety
+/// `block` is live and was returned by [`small_alloc`] for `request`.
+#[inline(always)]
+unsafe fn small_dealloc<A: GlobalAlloc + 'static>(inner: &A, block: *mut u8, request: Layout) {
+    #[cfg(jemalloc_layout)]
+    if has_jemalloc_layout::<A>() {
+        // SAFETY: `block` came from jemalloc's `malloc`/`calloc` with exactly this size (see
+        // `small_alloc`), which is what `sdallocx` requires with no flags.
+        return unsafe { tikv_jemalloc_sys::sdallocx(block.cast(), request.size(), 0) };
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { inner.dealloc(block, request) }
+}
+
+#[inline(always)]
+unsafe fn inner_alloc<A: GlobalAlloc, const ZEROED: bool>(inner: &A, request: Layout) -> *mut u8 {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if ZEROED {
+            inner.alloc_zeroed(request)
+        } else {
+            inner.alloc(request)
+        }
     }
 }
 
@@ -113,31 +159,54 @@ fn placement<A: 'static>(layout: Layout) -> Option<Placement> {
     })
 }
 
-/// The common case, decided with one table lookup: jemalloc and a block of at most 4 KiB with
-/// ordinary alignment. Inline tag if its size class has 2 spare bytes, else the side table.
+/// The size class of the common block, decided with one table lookup: jemalloc and at most
+/// 4 KiB with ordinary alignment (`None` for anything else). Such a block is requested as its
+/// whole size class, which jemalloc would serve anyway.
 #[inline(always)]
-fn small_placement<A: 'static>(layout: Layout) -> Option<Placement> {
+fn small_class<A: 'static>(layout: Layout) -> Option<usize> {
     let (size, align) = (layout.size(), layout.align());
     if !has_jemalloc_layout::<A>() || align > QUANTUM || size > SMALL_MAX {
         return None;
     }
     // A size below its alignment gets the alignment's class, and must be indexed as such in
     // the side table.
-    let class = small_class_aligned(size, align);
-    if class - size < TAG_BYTES {
-        return Some(Placement {
-            request: layout,
-            tag: Tag::Side { class },
-        });
+    Some(small_class_aligned(size, align))
+}
+
+/// Whether a small block's size class has room for the tag after the program's `size` bytes.
+/// If not (an exact-class `Vec` buffer, say), the tag goes to the side table.
+#[inline(always)]
+fn fits_inline(class: usize, size: usize) -> bool {
+    class - size >= TAG_BYTES
+}
+
+/// Where a small block's tag goes.
+#[inline(always)]
+fn small_tag(class: usize, size: usize) -> Tag {
+    if fits_inline(class, size) {
+        // Right after the program's bytes: the line it wrote last is the one most likely cached.
+        Tag::Inline { offset: size }
+    } else {
+        Tag::Side { class }
     }
-    // SAFETY: `class` is at most 4096 (so it cannot overflow `isize` when rounded up to
-    // `align`) and `align` is the layout's own, hence a power of two.
-    let request = unsafe { Layout::from_size_align_unchecked(class, align) };
-    // Right after the program's bytes: the line it wrote last is the one most likely cached.
+}
+
+/// What [`small_class`] decides, as a [`Placement`].
+#[inline(always)]
+fn small_placement<A: 'static>(layout: Layout) -> Option<Placement> {
+    let class = small_class::<A>(layout)?;
     Some(Placement {
-        request,
-        tag: Tag::Inline { offset: size },
+        request: small_request(class, layout.align()),
+        tag: small_tag(class, layout.size()),
     })
+}
+
+/// The request for a small block: its size class, with its alignment.
+#[inline(always)]
+fn small_request(class: usize, align: usize) -> Layout {
+    // SAFETY: `class` is at most 4096 (so it cannot overflow `isize` when rounded up to
+    // `align`) and `align` is a layout's own, hence a power of two.
+    unsafe { Layout::from_size_align_unchecked(class, align) }
 }
 
 impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
@@ -171,71 +240,61 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         }
     }
 
-    /// Shared by `alloc` and `alloc_zeroed` (`ZEROED` picks the inner call). Small jemalloc blocks
-    /// take a path whose only call is the inner allocator's; large and over-aligned blocks and
-    /// other inner allocators go to `allocate_general`, a thread's first block to `finish_block`.
+    /// Shared by `alloc` and `alloc_zeroed` (`ZEROED` picks the inner call). The common case,
+    /// a small jemalloc block with an inline tag on a thread that owns its counter slot, is
+    /// counted before the inner call so that only the size and owner live across it;
+    /// side-table blocks, large and over-aligned blocks, other inner allocators and a thread's
+    /// first block go out of line.
     #[inline(always)]
     unsafe fn allocate<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
-        let Some(place) = small_placement::<A>(layout) else {
-            // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
-            return unsafe { self.allocate_general::<ZEROED>(layout) };
-        };
-        // SAFETY: `place.request` is at least as large as `layout` (non-zero size).
-        let block = unsafe { self.inner_alloc::<ZEROED>(place.request) };
-        if block.is_null() {
+        if let (Some(class), Some(ledger)) = (small_class::<A>(layout), Ledger::owned()) {
+            let (owner, size) = (ledger.scope, layout.size());
+            if !fits_inline(class, size) {
+                // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
+                return unsafe { self.allocate_side::<ZEROED>(layout, class, ledger) };
+            }
+            ledger.allocated(owner, size);
+            let request = small_request(class, layout.align());
+            // SAFETY: a small request with a non-zero size.
+            let block = unsafe { small_alloc::<A, ZEROED>(&self.inner, request) };
+            if block.is_null() {
+                ledger.allocation_failed(owner, size);
+                return block;
+            }
+            // SAFETY: `block` was just returned for this layout's small placement, whose tag is
+            // inline (`fits_inline`).
+            unsafe { self.write_tag(block, Tag::Inline { offset: size }, owner) };
             return block;
         }
-        match Ledger::owned() {
-            Some(ledger) => {
-                // SAFETY: `block` was just returned for `place.request`.
-                let owner = unsafe { self.write_tag(block, place.tag, ledger.scope) };
-                ledger.allocated(owner, layout.size());
-                block
-            }
-            // A tail call, out of line: claim a slot for this thread, then tag and count.
-            // SAFETY: `block` was just returned for this layout's placement.
-            None => unsafe { self.finish_block(block, layout) },
-        }
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
+        unsafe { self.allocate_general::<ZEROED>(layout) }
     }
 
-    #[inline(always)]
-    unsafe fn inner_alloc<const ZEROED: bool>(&self, request: Layout) -> *mut u8 {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            if ZEROED {
-                self.inner.alloc_zeroed(request)
-            } else {
-                self.inner.alloc(request)
-            }
-        }
-    }
-
-    /// Tags and counts a block allocated by a thread without a slot yet (it claims one here).
-    #[cold]
+    /// A small block whose tag goes in the side table: out of line, so that the inline-tag path
+    /// keeps few registers live across the inner call.
+    ///
+    /// # Safety
+    /// `layout` has a non-zero size and a small placement, `class` is its size class.
     #[inline(never)]
-    unsafe fn finish_block(&self, block: *mut u8, layout: Layout) -> *mut u8 {
-        if let Some(place) = placement::<A>(layout) {
-            // SAFETY: the caller passes a block just allocated for this layout's placement.
-            unsafe { self.tag_and_count(block, place.tag, layout.size()) };
+    unsafe fn allocate_side<const ZEROED: bool>(
+        &self,
+        layout: Layout,
+        class: usize,
+        ledger: Ledger,
+    ) -> *mut u8 {
+        let request = small_request(class, layout.align());
+        // SAFETY: forwarded from the caller.
+        let block = unsafe { small_alloc::<A, ZEROED>(&self.inner, request) };
+        if !block.is_null() {
+            let owner = side_table::record(&self.inner, block as usize, class, ledger.scope);
+            ledger.allocated(owner, layout.size());
         }
         block
     }
 
-    /// Tags a fresh block with the current scope (claiming a slot if the thread has none) and
-    /// counts it.
-    ///
-    /// # Safety
-    /// `block` was just returned by the inner allocator for `tag`'s placement.
-    #[inline(always)]
-    unsafe fn tag_and_count(&self, block: *mut u8, tag: Tag, size: usize) {
-        let ledger = Ledger::current(&self.inner);
-        // SAFETY: forwarded from the caller.
-        let owner = unsafe { self.write_tag(block, tag, ledger.scope) };
-        ledger.allocated(owner, size);
-    }
-
-    /// Everything the fast path in `allocate` does not take: large and over-aligned blocks, and
-    /// inner allocators other than jemalloc.
+    /// Everything the fast path in `allocate` does not take: large and over-aligned blocks,
+    /// inner allocators other than jemalloc, and a thread's first block (it claims a counter
+    /// slot here).
     #[inline(never)]
     unsafe fn allocate_general<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
         let Some(place) = placement::<A>(layout) else {
@@ -243,10 +302,12 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         };
         // SAFETY: `place.request` is at least as large as `layout`, which the caller guarantees
         // has a non-zero size.
-        let block = unsafe { self.inner_alloc::<ZEROED>(place.request) };
+        let block = unsafe { inner_alloc::<A, ZEROED>(&self.inner, place.request) };
         if !block.is_null() {
+            let ledger = Ledger::current(&self.inner);
             // SAFETY: `block` was just returned for `place.request`.
-            unsafe { self.tag_and_count(block, place.tag, layout.size()) };
+            let owner = unsafe { self.write_tag(block, place.tag, ledger.scope) };
+            ledger.allocated(owner, layout.size());
         }
         block
     }
@@ -287,13 +348,19 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAlloc<A> {
 
     #[inline]
     unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
-        if let (Some(place), Some(ledger)) = (small_placement::<A>(layout), Ledger::owned()) {
-            // SAFETY: the caller guarantees `block` is live and was allocated here with `layout`.
-            let owner = unsafe { self.read_tag(block, place.tag) };
+        if let (Some(class), Some(ledger)) = (small_class::<A>(layout), Ledger::owned()) {
+            let size = layout.size();
+            // SAFETY: the caller guarantees `block` is live and was allocated here with
+            // `layout`, whose small placement put the tag here.
+            let owner = unsafe { self.read_tag(block, small_tag(class, size)) };
             // Counted before the block goes back, so the inner free is a tail call.
-            ledger.deallocated(owner, layout.size());
-            // SAFETY: `place.request` is what `alloc` requested for this `layout`.
-            return unsafe { self.inner.dealloc(block, place.request) };
+            ledger.deallocated(owner, size);
+            // SAFETY: the block was requested as `small_request(class, align)`, through
+            // `small_alloc` or, on a thread's first block, the inner allocator's own `alloc`
+            // (which calls the same jemalloc function for such a request).
+            return unsafe {
+                small_dealloc(&self.inner, block, small_request(class, layout.align()))
+            };
         }
         // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
         unsafe { self.dealloc_general(block, layout) }

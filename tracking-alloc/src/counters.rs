@@ -186,6 +186,25 @@ impl Ledger {
         self.count(Event::Deallocated, owner, bytes);
     }
 
+    /// Takes back an [`allocated`](Self::allocated) count made before an inner allocation that
+    /// then failed. A snapshot taken in between saw the bytes for a moment.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn allocation_failed(self, owner: u16, bytes: usize) {
+        match self.slot {
+            Some(slot) => {
+                let (total, count) = slot.row(owner).of(Event::Allocated);
+                bump_own(total, (bytes as u64).wrapping_neg());
+                bump_own(count, u64::MAX);
+            }
+            None => {
+                let (total, count) = SHARED.row(owner).of(Event::Allocated);
+                total.fetch_sub(bytes as u64, Ordering::AcqRel);
+                count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
     #[inline(always)]
     fn count(&self, event: Event, owner: u16, bytes: usize) {
         match self.slot {

@@ -135,7 +135,7 @@ fn future_hops_worker_threads_in_its_scope() {
 
     // Dropped without completing: its buffers are freed (and credited) wherever it is dropped.
     let pending = async {
-        let buffer = vec![5u8; 4096];
+        let buffer = std::hint::black_box(vec![5u8; 4096]);
         std::future::pending::<()>().await;
         drop(buffer);
     }

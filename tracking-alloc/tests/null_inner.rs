@@ -1,5 +1,6 @@
 //! When the inner allocator returns null, so does the tracker, and no counter moves.
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracking_alloc::{snapshot, Scope, TrackingAlloc};
@@ -50,11 +51,17 @@ fn null_from_inner_moves_no_counter() {
         let _g = scope.enter();
         REFUSE.store(true, Ordering::SeqCst);
         // SAFETY: non-zero sizes; `kept`'s buffer was allocated with this layout.
+        // `black_box`: the compiler may elide an allocation that is only compared with null and
+        // assume it succeeded.
         let result = unsafe {
             (
-                std::alloc::alloc(layout),
-                std::alloc::alloc_zeroed(layout),
-                std::alloc::realloc(kept.as_mut_ptr(), Layout::array::<u8>(100).unwrap(), 4000),
+                black_box(std::alloc::alloc(layout)),
+                black_box(std::alloc::alloc_zeroed(layout)),
+                black_box(std::alloc::realloc(
+                    kept.as_mut_ptr(),
+                    Layout::array::<u8>(100).unwrap(),
+                    4000,
+                )),
             )
         };
         let grow = kept.try_reserve_exact(10_000).is_err();

@@ -3,6 +3,7 @@
 //! that tests running in parallel in one process never share a scope.
 #![allow(dead_code)]
 
+use std::hint::black_box;
 use std::sync::mpsc;
 use std::thread;
 
@@ -117,14 +118,15 @@ pub fn nested_scopes_restore() {
     let (a, b, c);
     {
         let _o = outer.enter();
-        a = vec![1u8; 100];
+        // `black_box`: the compiler may otherwise elide an allocation nothing reads.
+        a = black_box(vec![1u8; 100]);
         {
             let _i = inner.enter();
             assert_eq!(Scope::current(), inner);
-            b = vec![2u8; 200];
+            b = black_box(vec![2u8; 200]);
         }
         assert_eq!(Scope::current(), outer);
-        c = vec![3u8; 300];
+        c = black_box(vec![3u8; 300]);
     }
     assert_eq!(Scope::current(), before);
     assert_eq!(stats("nest-outer").live_bytes, 400);
@@ -198,9 +200,9 @@ pub fn thread_churn_is_exact_and_bounded() {
                 thread::spawn(move || {
                     let _g = scope.enter();
                     let size = 1 + (batch * BATCH + i) % 700;
-                    let freed_here = vec![0u8; size];
+                    let freed_here = black_box(vec![0u8; size]);
                     drop(freed_here);
-                    vec![1u8; size] // freed later, on the main thread
+                    black_box(vec![1u8; size]) // freed later, on the main thread
                 })
             })
             .collect();
@@ -226,7 +228,7 @@ pub fn teardown_allocations_do_not_recurse() {
         fn drop(&mut self) {
             // Runs during TLS teardown, possibly after the tracker released the thread's slot.
             let _g = Scope::named("teardown").enter();
-            let v = vec![9u8; 1000];
+            let v = black_box(vec![9u8; 1000]);
             assert_eq!(v.len(), 1000);
         }
     }
@@ -237,7 +239,7 @@ pub fn teardown_allocations_do_not_recurse() {
         .map(|_| {
             thread::spawn(|| {
                 ON_EXIT.with(|_| ());
-                drop(vec![0u8; 10]);
+                drop(black_box(vec![0u8; 10]));
             })
         })
         .collect();

@@ -1,0 +1,12 @@
+//! Sets `cfg(jemalloc_layout)` when the `jemalloc` feature is on and the target is one whose
+//! jemalloc size classes `size_class.rs` models (16-byte quantum: x86_64 and aarch64), so the
+//! hot path names that condition once instead of repeating it.
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(jemalloc_layout)");
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let feature = std::env::var_os("CARGO_FEATURE_JEMALLOC").is_some();
+    if feature && matches!(arch.as_str(), "x86_64" | "aarch64") {
+        println!("cargo::rustc-cfg=jemalloc_layout");
+    }
+}
