@@ -241,25 +241,27 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
     }
 
     /// Shared by `alloc` and `alloc_zeroed` (`ZEROED` picks the inner call). The common case,
-    /// a small jemalloc block with an inline tag on a thread that owns its counter slot, is
-    /// counted before the inner call so that only the size and owner live across it;
-    /// side-table blocks, large and over-aligned blocks, other inner allocators and a thread's
-    /// first block go out of line.
+    /// a small jemalloc block on a thread that owns its counter slot, is counted before the
+    /// inner call so that only the size, class and owner live across it; large and over-aligned
+    /// blocks, other inner allocators and a thread's first block go out of line.
     #[inline(always)]
     unsafe fn allocate<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
         if let (Some(class), Some(ledger)) = (small_class::<A>(layout), Ledger::owned()) {
             let (owner, size) = (ledger.scope, layout.size());
-            if !fits_inline(class, size) {
-                // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
-                return unsafe { self.allocate_side::<ZEROED>(layout, class, ledger) };
-            }
             ledger.allocated(owner, size);
             let request = small_request(class, layout.align());
             // SAFETY: a small request with a non-zero size.
             let block = unsafe { small_alloc::<A, ZEROED>(&self.inner, request) };
             if block.is_null() {
-                ledger.allocation_failed(owner, size);
+                Ledger::allocation_failed(&self.inner, owner, size);
                 return block;
+            }
+            if !fits_inline(class, size) {
+                if side_table::try_record(block as usize, class, owner) {
+                    return block;
+                }
+                // The page's first side-table block: a tail call, out of line.
+                return self.record_side(block, class, owner, size);
             }
             // SAFETY: `block` was just returned for this layout's small placement, whose tag is
             // inline (`fits_inline`).
@@ -270,26 +272,31 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         unsafe { self.allocate_general::<ZEROED>(layout) }
     }
 
-    /// A small block whose tag goes in the side table: out of line, so that the inline-tag path
-    /// keeps few registers live across the inner call.
-    ///
-    /// # Safety
-    /// `layout` has a non-zero size and a small placement, `class` is its size class.
+    /// Records a fresh small block's owner in the side table, growing the table. The block was
+    /// already counted for `owner`; if the table could not get memory for the block's page it
+    /// answers `unscoped` for the block from now on, so the count moves there.
+    #[cold]
     #[inline(never)]
-    unsafe fn allocate_side<const ZEROED: bool>(
-        &self,
-        layout: Layout,
-        class: usize,
-        ledger: Ledger,
-    ) -> *mut u8 {
-        let request = small_request(class, layout.align());
-        // SAFETY: forwarded from the caller.
-        let block = unsafe { small_alloc::<A, ZEROED>(&self.inner, request) };
-        if !block.is_null() {
-            let owner = side_table::record(&self.inner, block as usize, class, ledger.scope);
-            ledger.allocated(owner, layout.size());
+    fn record_side(&self, block: *mut u8, class: usize, owner: u16, size: usize) -> *mut u8 {
+        let recorded = side_table::record(&self.inner, block as usize, class, owner);
+        if recorded != owner {
+            Ledger::allocation_failed(&self.inner, owner, size);
+            Ledger::current(&self.inner).allocated(recorded, size);
         }
         block
+    }
+
+    /// Returns a small block to jemalloc.
+    ///
+    /// # Safety
+    /// `block` is live and was allocated here with `layout`, whose small size class is `class`:
+    /// it was requested as `small_request(class, align)`, through `small_alloc` or, on a
+    /// thread's first block, the inner allocator's own `alloc` (which calls the same jemalloc
+    /// function for such a request).
+    #[inline(always)]
+    unsafe fn free_small(&self, block: *mut u8, layout: Layout, class: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe { small_dealloc(&self.inner, block, small_request(class, layout.align())) }
     }
 
     /// Everything the fast path in `allocate` does not take: large and over-aligned blocks,
@@ -351,16 +358,12 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAlloc<A> {
         if let (Some(class), Some(ledger)) = (small_class::<A>(layout), Ledger::owned()) {
             let size = layout.size();
             // SAFETY: the caller guarantees `block` is live and was allocated here with
-            // `layout`, whose small placement put the tag here.
+            // `layout`, whose small placement put the tag there.
             let owner = unsafe { self.read_tag(block, small_tag(class, size)) };
             // Counted before the block goes back, so the inner free is a tail call.
             ledger.deallocated(owner, size);
-            // SAFETY: the block was requested as `small_request(class, align)`, through
-            // `small_alloc` or, on a thread's first block, the inner allocator's own `alloc`
-            // (which calls the same jemalloc function for such a request).
-            return unsafe {
-                small_dealloc(&self.inner, block, small_request(class, layout.align()))
-            };
+            // SAFETY: see `free_small`.
+            return unsafe { self.free_small(block, layout, class) };
         }
         // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
         unsafe { self.dealloc_general(block, layout) }

@@ -187,11 +187,12 @@ impl Ledger {
     }
 
     /// Takes back an [`allocated`](Self::allocated) count made before an inner allocation that
-    /// then failed. A snapshot taken in between saw the bytes for a moment.
+    /// then failed. A snapshot taken in between saw the bytes for a moment. Finds the ledger
+    /// again rather than taking it, so callers keep nothing live across the inner call for it.
     #[cold]
     #[inline(never)]
-    pub(crate) fn allocation_failed(self, owner: u16, bytes: usize) {
-        match self.slot {
+    pub(crate) fn allocation_failed<A: GlobalAlloc>(inner: &A, owner: u16, bytes: usize) {
+        match Self::current(inner).slot {
             Some(slot) => {
                 let (total, count) = slot.row(owner).of(Event::Allocated);
                 bump_own(total, (bytes as u64).wrapping_neg());

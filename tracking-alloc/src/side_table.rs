@@ -39,22 +39,32 @@ static ROOT: [AtomicPtr<Node>; ROOT_LEN] = [const { AtomicPtr::new(ptr::null_mut
 /// Slot index of a block within its page, and log2 of the slots a leaf needs for its class.
 #[inline(always)]
 fn slot_of(addr: usize, class: usize) -> (usize, u32) {
-    let lg_class = (usize::BITS - 1 - class.leading_zeros()).min(LG_PAGE);
+    // Every class given here is at most a page (large blocks pass 4096), so masking to
+    // `2 * PAGE - 1` changes nothing but bounds `lg_class` by `LG_PAGE` for any input (which
+    // keeps the slot within its leaf); `| 1` makes `ilog2` one instruction that cannot panic.
+    let lg_class = ((class & ((2 << LG_PAGE) - 1)) | 1).ilog2();
     (
         (addr & ((1 << LG_PAGE) - 1)) >> lg_class,
         LG_PAGE - lg_class,
     )
 }
 
-/// The slot for `slot` in the leaf that `entry` (a leaf pointer tagged with log2 of its slot
-/// count) points to, if there is a leaf and it has at least `1 << lg_slots` slots.
+/// A leaf entry: the leaf's address with `1 + log2(its slot count)` in the low four bits, so
+/// that an empty (zero) entry fails the size check of every lookup by itself.
+#[inline(always)]
+fn leaf_entry_of(leaf: *mut u8, lg_slots: u32) -> usize {
+    leaf as usize | (lg_slots as usize + 1)
+}
+
+/// The slot for `slot` in the leaf that `entry` points to, if there is a leaf and it has at
+/// least `1 << lg_slots` slots.
 #[inline(always)]
 fn leaf_slot(entry: usize, slot: usize, lg_slots: u32) -> Option<&'static AtomicU16> {
-    if entry == 0 || ((entry & 0xf) as u32) < lg_slots {
+    if ((entry & 0xf) as u32) <= lg_slots {
         return None;
     }
-    // SAFETY: a non-zero entry (tag bits cleared) points to a published leaf of
-    // `1 << (entry & 0xf)` zero-initialised slots that is never freed, and `slot < 1 << lg_slots`
+    // SAFETY: an entry with a non-zero tag was made by `leaf_entry_of` from a published leaf of
+    // `1 << (tag - 1)` zero-initialised slots that is never freed, and `slot < 1 << lg_slots`
     // (callers take both from `slot_of`), which is at most that.
     Some(unsafe { &*((entry & !0xf) as *const AtomicU16).add(slot) })
 }
@@ -64,14 +74,27 @@ fn leaf_slot(entry: usize, slot: usize, lg_slots: u32) -> Option<&'static Atomic
 /// (then [`owner_of`] also answers `unscoped` for it, so the books still balance).
 #[inline(always)]
 pub(crate) fn record<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u16) -> u16 {
-    if let Some(entry) = find_leaf_entry(addr) {
-        let (slot, lg_slots) = slot_of(addr, class);
-        if let Some(leaf) = leaf_slot(entry.load(Ordering::Acquire), slot, lg_slots) {
-            leaf.store(owner, Ordering::Relaxed);
-            return owner;
-        }
+    if try_record(addr, class, owner) {
+        return owner;
     }
     record_growing(inner, addr, class, owner)
+}
+
+/// [`record`]'s common case: the page already has a leaf large enough. Calls nothing, so a
+/// caller can keep its fast path free of calls and send `false` to [`record`] out of line.
+#[inline(always)]
+pub(crate) fn try_record(addr: usize, class: usize, owner: u16) -> bool {
+    let Some(entry) = find_leaf_entry(addr) else {
+        return false;
+    };
+    let (slot, lg_slots) = slot_of(addr, class);
+    match leaf_slot(entry.load(Ordering::Acquire), slot, lg_slots) {
+        Some(leaf) => {
+            leaf.store(owner, Ordering::Relaxed);
+            true
+        }
+        None => false,
+    }
 }
 
 /// The first block of a page (or of a smaller class than the page's leaf holds): create the
@@ -92,7 +115,7 @@ fn record_growing<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u
         let Some(fresh) = alloc_zeroed_table(inner, 2usize << lg_slots) else {
             return UNSCOPED_ID;
         };
-        let tagged = fresh as usize | lg_slots as usize;
+        let tagged = leaf_entry_of(fresh, lg_slots);
         match leaf_entry.compare_exchange(current, tagged, Ordering::AcqRel, Ordering::Acquire) {
             // The old, smaller leaf (if any) is left in place: reads of it may still be in flight
             // on other threads only if jemalloc broke its one-class-per-page rule, and keeping it
