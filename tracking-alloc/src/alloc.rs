@@ -63,22 +63,23 @@ fn has_jemalloc_layout<A: 'static>() -> bool {
     }
 }
 
-/// Allocates a block of a [`small_placement`] request: its size is its size class, at least its
-/// alignment, which is at most 16. For such a layout `Jemalloc` calls `malloc` (or `calloc`)
-/// after checking the alignment; the fast path calls it directly and saves the check.
+/// Allocates a fast-path request: a small block's whole size class, or a large block as asked;
+/// either way a size of at least its alignment, which is at most 16. For such a layout
+/// `Jemalloc` calls `malloc` (or `calloc`) after checking the alignment; the fast path calls it
+/// directly and saves the check.
 ///
 /// # Safety
-/// `request` came from [`small_placement`] (so `A` is `Jemalloc`), with a non-zero size.
+/// `request` has a non-zero size of at least its alignment, which is at most [`QUANTUM`].
 #[inline(always)]
-unsafe fn small_alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
+unsafe fn direct_alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
     inner: &A,
     request: Layout,
 ) -> *mut u8 {
     #[cfg(jemalloc_layout)]
     if has_jemalloc_layout::<A>() {
         // SAFETY: jemalloc's `malloc` and `calloc` accept any size; their result is aligned to
-        // 16 bytes for sizes of 16 or more and to 8 for the 8-byte class, which covers
-        // `request.align()` (at most 16 and at most the size, see above).
+        // 16 bytes for sizes of 16 or more and to 8 for smaller ones, which covers
+        // `request.align()` (at most 16 and at most the size).
         return unsafe {
             if ZEROED {
                 tikv_jemalloc_sys::calloc(1, request.size())
@@ -92,17 +93,18 @@ unsafe fn small_alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
     unsafe { inner_alloc::<A, ZEROED>(inner, request) }
 }
 
-/// Frees a block allocated by [`small_alloc`]: jemalloc's sized free with no flags, which is
+/// Frees a block allocated by [`direct_alloc`]: jemalloc's sized free with no flags, which is
 /// what `Jemalloc::dealloc` computes for such a layout.
 ///
 /// # Safety
-/// `block` is live and was returned by [`small_alloc`] for `request`.
+/// `block` is live and was returned by [`direct_alloc`] for `request`, or by the inner
+/// allocator's own `alloc` for it (which calls the same jemalloc function).
 #[inline(always)]
-unsafe fn small_dealloc<A: GlobalAlloc + 'static>(inner: &A, block: *mut u8, request: Layout) {
+unsafe fn direct_dealloc<A: GlobalAlloc + 'static>(inner: &A, block: *mut u8, request: Layout) {
     #[cfg(jemalloc_layout)]
     if has_jemalloc_layout::<A>() {
         // SAFETY: `block` came from jemalloc's `malloc`/`calloc` with exactly this size (see
-        // `small_alloc`), which is what `sdallocx` requires with no flags.
+        // `direct_alloc`), which is what `sdallocx` requires with no flags.
         return unsafe { tikv_jemalloc_sys::sdallocx(block.cast(), request.size(), 0) };
     }
     // SAFETY: forwarded from the caller.
@@ -173,6 +175,14 @@ fn small_class<A: 'static>(layout: Layout) -> Option<usize> {
     Some(small_class_aligned(size, align))
 }
 
+/// Whether `layout` is a large block (over 4 KiB) with ordinary alignment under jemalloc. Each
+/// such block starts in a page of its own, so its tag is the one side-table slot of that page
+/// (indexed as class [`SMALL_MAX`]), and it is requested as asked.
+#[inline(always)]
+fn is_large_ordinary<A: 'static>(layout: Layout) -> bool {
+    has_jemalloc_layout::<A>() && layout.align() <= QUANTUM && layout.size() > SMALL_MAX
+}
+
 /// Whether a small block's size class has room for the tag after the program's `size` bytes.
 /// If not (an exact-class `Vec` buffer, say), the tag goes to the side table.
 #[inline(always)]
@@ -241,35 +251,82 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
     }
 
     /// Shared by `alloc` and `alloc_zeroed` (`ZEROED` picks the inner call). The common case,
-    /// a small jemalloc block on a thread that owns its counter slot, is counted before the
-    /// inner call so that only the size, class and owner live across it; large and over-aligned
-    /// blocks, other inner allocators and a thread's first block go out of line.
+    /// a small jemalloc block on a thread that owns its counter slot, is inlined; large blocks
+    /// take a similar path out of line; over-aligned blocks, other inner allocators and a
+    /// thread's first block go to `allocate_general`.
     #[inline(always)]
     unsafe fn allocate<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
         if let (Some(class), Some(ledger)) = (small_class::<A>(layout), Ledger::owned()) {
             let (owner, size) = (ledger.scope, layout.size());
-            ledger.allocated(owner, size);
             let request = small_request(class, layout.align());
-            // SAFETY: a small request with a non-zero size.
-            let block = unsafe { small_alloc::<A, ZEROED>(&self.inner, request) };
+            // SAFETY: a small request: its class is at least its alignment, at most 16.
+            let block = unsafe { self.counted_alloc::<ZEROED>(ledger, size, request) };
             if block.is_null() {
-                Ledger::allocation_failed(&self.inner, owner, size);
                 return block;
             }
             if !fits_inline(class, size) {
-                if side_table::try_record(block as usize, class, owner) {
-                    return block;
-                }
-                // The page's first side-table block: a tail call, out of line.
-                return self.record_side(block, class, owner, size);
+                return self.tag_side(block, class, owner, size);
             }
             // SAFETY: `block` was just returned for this layout's small placement, whose tag is
             // inline (`fits_inline`).
             unsafe { self.write_tag(block, Tag::Inline { offset: size }, owner) };
             return block;
         }
+        if is_large_ordinary::<A>(layout) {
+            if let Some(ledger) = Ledger::owned() {
+                // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
+                return unsafe { self.allocate_large::<ZEROED>(ledger, layout) };
+            }
+        }
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
         unsafe { self.allocate_general::<ZEROED>(layout) }
+    }
+
+    /// A large block with ordinary alignment: like a small one with a side-table tag, but out
+    /// of line.
+    ///
+    /// # Safety
+    /// `layout` is large and ordinary ([`is_large_ordinary`]).
+    #[inline(never)]
+    unsafe fn allocate_large<const ZEROED: bool>(&self, ledger: Ledger, layout: Layout) -> *mut u8 {
+        // SAFETY: a large size is above its alignment, which is at most 16.
+        let block = unsafe { self.counted_alloc::<ZEROED>(ledger, layout.size(), layout) };
+        if block.is_null() {
+            return block;
+        }
+        self.tag_side(block, SMALL_MAX, ledger.scope, layout.size())
+    }
+
+    /// Counts a block of `size` bytes for the ledger's scope, then allocates `request` straight
+    /// from jemalloc (taking the count back if that fails). Counting first leaves only the
+    /// size, class and owner live across the inner call.
+    ///
+    /// # Safety
+    /// `request` is valid for [`direct_alloc`].
+    #[inline(always)]
+    unsafe fn counted_alloc<const ZEROED: bool>(
+        &self,
+        ledger: Ledger,
+        size: usize,
+        request: Layout,
+    ) -> *mut u8 {
+        ledger.allocated(ledger.scope, size);
+        // SAFETY: forwarded from the caller.
+        let block = unsafe { direct_alloc::<A, ZEROED>(&self.inner, request) };
+        if block.is_null() {
+            Ledger::allocation_failed(&self.inner, ledger.scope, size);
+        }
+        block
+    }
+
+    /// Records a fresh, counted block's owner in the side table; returns the block.
+    #[inline(always)]
+    fn tag_side(&self, block: *mut u8, class: usize, owner: u16, size: usize) -> *mut u8 {
+        if side_table::try_record(block as usize, class, owner) {
+            return block;
+        }
+        // The page's first side-table block: a tail call, out of line.
+        self.record_side(block, class, owner, size)
     }
 
     /// Records a fresh small block's owner in the side table, growing the table. The block was
@@ -286,22 +343,21 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         block
     }
 
-    /// Returns a small block to jemalloc.
+    /// Frees a large block with ordinary alignment, out of line.
     ///
     /// # Safety
-    /// `block` is live and was allocated here with `layout`, whose small size class is `class`:
-    /// it was requested as `small_request(class, align)`, through `small_alloc` or, on a
-    /// thread's first block, the inner allocator's own `alloc` (which calls the same jemalloc
-    /// function for such a request).
-    #[inline(always)]
-    unsafe fn free_small(&self, block: *mut u8, layout: Layout, class: usize) {
-        // SAFETY: forwarded from the caller.
-        unsafe { small_dealloc(&self.inner, block, small_request(class, layout.align())) }
+    /// As for `GlobalAlloc::dealloc`, and `layout` is large and ordinary ([`is_large_ordinary`]).
+    #[inline(never)]
+    unsafe fn dealloc_large(&self, ledger: Ledger, block: *mut u8, layout: Layout) {
+        let owner = side_table::owner_of(block as usize, SMALL_MAX);
+        ledger.deallocated(owner, layout.size());
+        // SAFETY: a large ordinary block is requested as asked (`allocate_large`, or the inner
+        // allocator's own `alloc` on a thread's first block).
+        unsafe { direct_dealloc(&self.inner, block, layout) }
     }
 
-    /// Everything the fast path in `allocate` does not take: large and over-aligned blocks,
-    /// inner allocators other than jemalloc, and a thread's first block (it claims a counter
-    /// slot here).
+    /// Everything the fast paths in `allocate` do not take: over-aligned blocks, inner
+    /// allocators other than jemalloc, and a thread's first block (it claims a counter slot).
     #[inline(never)]
     unsafe fn allocate_general<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
         let Some(place) = placement::<A>(layout) else {
@@ -319,8 +375,8 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         block
     }
 
-    /// Every free the fast path in `dealloc` does not take: side-table tags, other allocators,
-    /// threads without a slot.
+    /// Every free the fast paths in `dealloc` do not take: over-aligned blocks, other inner
+    /// allocators, threads without a slot.
     #[inline(never)]
     unsafe fn dealloc_general(&self, block: *mut u8, layout: Layout) {
         // A layout that was allocated always has a placement; answer gracefully regardless.
@@ -362,8 +418,16 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAlloc<A> {
             let owner = unsafe { self.read_tag(block, small_tag(class, size)) };
             // Counted before the block goes back, so the inner free is a tail call.
             ledger.deallocated(owner, size);
-            // SAFETY: see `free_small`.
-            return unsafe { self.free_small(block, layout, class) };
+            // SAFETY: the block was requested as `small_request(class, align)`.
+            return unsafe {
+                direct_dealloc(&self.inner, block, small_request(class, layout.align()))
+            };
+        }
+        if is_large_ordinary::<A>(layout) {
+            if let Some(ledger) = Ledger::owned() {
+                // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
+                return unsafe { self.dealloc_large(ledger, block, layout) };
+            }
         }
         // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
         unsafe { self.dealloc_general(block, layout) }

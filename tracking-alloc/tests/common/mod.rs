@@ -46,9 +46,16 @@ pub fn cross_thread_frees_credit_the_owner() {
     let mut bytes = 0;
     {
         let _g = scope.enter();
-        for size in sizes(2000) {
+        for (i, size) in sizes(2000).enumerate() {
             bytes += size as u64;
-            blocks.push(vec![0xa5u8; size].into_boxed_slice());
+            // Every third block through `alloc_zeroed`, the others through `alloc`.
+            let fill: u8 = if i % 3 == 0 { 0 } else { 0xa5 };
+            let block = vec![fill; size].into_boxed_slice();
+            assert!(
+                block.iter().all(|&b| b == fill),
+                "{size}-byte block not filled"
+            );
+            blocks.push(block);
         }
     }
     assert_eq!(stats("cross-thread").live_bytes, bytes);
