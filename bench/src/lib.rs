@@ -184,14 +184,34 @@ pub fn churn<G>(ops: u64, max_size: usize, seed: u64, mut around_alloc: impl FnM
 }
 
 /// `ops` alloc+free pairs of one size: the unit that callgrind counts instructions for.
+///
+/// The loop reuses one block. jemalloc built with profiling frees page-aligned blocks through a
+/// slower path (they might be sampled), and which block the loop gets depends on the heap's
+/// history, so blocks that start a page are held aside first: every variant then measures the
+/// common path (unless every block of the size is page-aligned, as at 4 KiB).
 pub fn pairs(ops: u64, size: usize) {
     let layout = Layout::from_size_align(size, 8).unwrap();
+    let mut aligned = Vec::new();
+    for _ in 0..64 {
+        // SAFETY: non-zero size.
+        let block = unsafe { alloc(layout) };
+        if block as usize % 4096 != 0 {
+            // SAFETY: allocated just above with `layout`.
+            unsafe { dealloc(block, layout) };
+            break;
+        }
+        aligned.push(block);
+    }
     for _ in 0..ops {
         // SAFETY: non-zero size; freed with the same layout.
         unsafe {
             let block = black_box(alloc(layout));
             dealloc(block, layout);
         }
+    }
+    for block in aligned {
+        // SAFETY: allocated above with `layout`, freed once.
+        unsafe { dealloc(block, layout) };
     }
 }
 
