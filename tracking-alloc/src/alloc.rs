@@ -1,17 +1,21 @@
 //! The `GlobalAlloc` hot path: tag each block with its owner scope and count it.
 //!
-//! Every operation reads one thread-local block ([`Ledger::current`]), calls the inner
-//! allocator, writes or reads the block's 2-byte owner tag, and bumps two counters that only
-//! this thread writes. It never allocates from itself, locks, blocks or panics; the only calls
-//! out are to the inner allocator (also for the rare side-table page and per-thread slot).
+//! Every operation reads one thread-local block ([`Ledger::owned`]), counts in a row that only
+//! this thread writes, calls the inner allocator, and writes or reads the block's 2-byte owner
+//! tag. It never allocates from itself, locks, blocks or panics; the only calls out are to the
+//! inner allocator (also for the rare side-table page and per-thread slot).
 //!
 //! Where the tag lives (see the crate docs for the measured costs):
-//! - jemalloc, block of at most 4 KiB whose size class has ≥ 2 bytes of slack: in the last two
-//!   bytes of the size class. The request is rounded up to the class, which jemalloc would have
-//!   served anyway, so the tag costs no memory.
+//! - jemalloc, block of at most 4 KiB whose size class has ≥ 2 bytes of slack: right after the
+//!   requested bytes. The request is rounded up to the class, which jemalloc would have served
+//!   anyway, so the tag costs no memory.
 //! - jemalloc, any other block (an exact size class, larger than 4 KiB, or over-aligned): in the
 //!   [`side_table`], 2 bytes per block, out of line, so exact-class `Vec` buffers keep their class.
 //! - any other inner allocator: 2 bytes appended to the request (its size classes are unknown).
+//!
+//! Paths, fastest first: small blocks with ordinary alignment (inline in `__rust_alloc`), large
+//! blocks with ordinary alignment (`allocate_large`), everything else (`allocate_general`, which
+//! recomputes the [`Placement`] that `dealloc_general` and `realloc` also use).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr;

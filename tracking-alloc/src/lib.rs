@@ -58,21 +58,26 @@
 //! reused by the next thread when it exits) that only it writes, with a plain load and store; a
 //! free on thread B charges the owner's row in B's slot. [`snapshot`] sums the slots.
 //!
-//! **Hot path.** One thread-local access, one table lookup for the size class, the inner
-//! allocator's call, a 2-byte tag write (or, for exact-class blocks, three dependent loads into
-//! the side table), two counter updates. Nothing allocates, locks or panics; side-table growth,
-//! a thread's first allocation and the shared fallback slot are out of line, and `dealloc`
-//! counts first so that it tail-calls the inner free. With any inner allocator other than
-//! `tikv_jemallocator::Jemalloc` (e.g. `System`), whose size classes are unknown, the tag is
-//! appended to every request instead (2 bytes per block, plus the inner allocator's rounding).
+//! **Hot path.** One thread-local access, one table lookup for the size class, the counter
+//! update (made *before* calling jemalloc, so only the size, class and owner live across the
+//! call, and taken back if jemalloc refuses), jemalloc's own `malloc`/`sdallocx` called directly
+//! (the layouts on this path never need `Jemalloc`'s alignment flags), then a 2-byte tag write
+//! or, for exact-class blocks, a three-level side-table walk. Nothing allocates, locks or
+//! panics; side-table growth, a thread's first allocation, large blocks and the shared
+//! fallback slot are out of line, and `dealloc` counts first so that it tail-calls the inner
+//! free. With any inner allocator other than `tikv_jemallocator::Jemalloc` (e.g. `System`),
+//! whose size classes are unknown, the tag is appended to every request instead (2 bytes per
+//! block, plus the inner allocator's rounding).
 //!
 //! **Measured** (`BENCHMARKS.md`, 2 cores, against bare jemalloc):
 //! - heap of `HashMap<String, Vec<u64>>` + `Box<u64>` + `String`: jemalloc allocated **1.018×**
-//!   (resident 1.031×), where a 2-byte trailer on every block costs 1.22×;
-//! - instructions per alloc+free pair: +74 (inline tag), +87 (side table) over jemalloc's 147;
-//! - alloc/free churn: 1.16–1.34× CPU, the same on 1, 2 and 4 threads (shared atomic counters:
-//!   1.8–2.9× on 2–4 threads). That misses the 1.05× goal in a loop that does nothing but
-//!   allocate; a serde/tokio service workload runs at 0.88–0.94× throughput.
+//!   (resident 1.016×), where a 2-byte trailer on every block costs 1.22×;
+//! - instructions per alloc+free pair: +59 (inline tag), +127 (side table), +125 (8 KiB block)
+//!   over jemalloc's 85 (281 at 8 KiB);
+//! - alloc/free churn: 1.06–1.36× CPU, the same on 1, 2 and 4 threads (shared atomic counters:
+//!   2–2.7× on 2–4 threads). That misses the 1.05× goal in a loop that does nothing but
+//!   allocate: jemalloc's pair is ~6 ns, 5 % of it is about one instruction. A serde/tokio
+//!   service workload runs at 0.92× throughput.
 //!
 //! # Side table
 //!
@@ -85,7 +90,7 @@
 //! - `jemalloc` (default): recognise `tikv_jemallocator::Jemalloc` as the inner allocator and use
 //!   its size classes. If your `tikv-jemallocator` version differs from this crate's, the types
 //!   differ and the generic (append) placement is used: still exact, more memory.
-//! - `tracing`: [`MemoryScopeLayer`], a `tracing_subscriber::Layer` that enters a scope while a
+//! - `tracing`: `MemoryScopeLayer`, a `tracing_subscriber::Layer` that enters a scope while a
 //!   span is entered.
 
 mod alloc;
