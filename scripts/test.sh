@@ -83,6 +83,12 @@ install_tools
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --all-features -- -D warnings
 step "cargo test (unit, integration, end-to-end)" cargo test --workspace --all-features
+# Without the `jemalloc` feature the tracker appends its tag to every request (any allocator).
+no_default_features() {
+    cargo clippy -p tracking-alloc --no-default-features --all-targets -- -D warnings &&
+        cargo test -p tracking-alloc --no-default-features
+}
+step "tracking-alloc without default features (clippy, tests)" no_default_features
 step "valgrind memcheck on the allocator stress tests" memcheck
 step "promtool and docker-compose config checks" config_checks
 bench_smoke() {

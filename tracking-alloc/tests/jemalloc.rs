@@ -32,6 +32,7 @@ fn exact_class_blocks_keep_their_size_class() {
     }
 }
 
+#[cfg(feature = "jemalloc")]
 fn tikv_jemalloc_ctl_nallocx(size: usize) -> usize {
     // SAFETY: nallocx only computes a size class.
     unsafe { tikv_jemalloc_sys::nallocx(size, 0) }
