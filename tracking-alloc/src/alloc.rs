@@ -333,7 +333,7 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         self.record_side(block, class, owner, size)
     }
 
-    /// Records a fresh small block's owner in the side table, growing the table. The block was
+    /// Records a fresh block's owner in the side table, growing the table. The block was
     /// already counted for `owner`; if the table could not get memory for the block's page it
     /// answers `unscoped` for the block from now on, so the count moves there.
     #[cold]
@@ -400,6 +400,8 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
 // SAFETY: every method forwards to the inner allocator with a layout derived deterministically
 // from the caller's (`placement`), at least as large and equally aligned, so the inner
 // allocator's guarantees carry over; the extra bytes hold only the tag and are never handed out.
+// The fast paths call jemalloc's functions directly only when the inner allocator is `Jemalloc`,
+// and only the ones it would call itself for those layouts (`direct_alloc`, `direct_dealloc`).
 unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAlloc<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
