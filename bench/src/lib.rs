@@ -4,7 +4,7 @@
 
 pub mod shared_atomic;
 
-use std::alloc::{alloc, dealloc, Layout};
+use std::alloc::{alloc, dealloc, realloc, Layout};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::Instant;
@@ -117,6 +117,10 @@ pub fn main<G: 'static>(variant: Variant<G>) {
             let _scope = enter(0);
             pairs(run.ops, run.max_size);
         }
+        "grow" => {
+            let _scope = enter(0);
+            grow(run.ops, run.max_size);
+        }
         "heap" => {
             let _scope = enter(0);
             let heap = build_heap(run.ops as usize);
@@ -135,7 +139,7 @@ pub fn main<G: 'static>(variant: Variant<G>) {
             let done = service(run.ops as usize, run.threads, enter);
             extra = format!(r#","requests":{done}"#);
         }
-        other => panic!("unknown workload {other}: churn, pairs, heap, service"),
+        other => panic!("unknown workload {other}: churn, pairs, grow, heap, service"),
     }
     let (cpu, wall) = (cpu_seconds() - cpu0, wall0.elapsed().as_secs_f64());
     println!(
@@ -212,6 +216,25 @@ pub fn pairs(ops: u64, size: usize) {
     for block in aligned {
         // SAFETY: allocated above with `layout`, freed once.
         unsafe { dealloc(block, layout) };
+    }
+}
+
+/// `ops` buffers grown by `realloc` from 8 bytes to `max_size`, doubling (as `Vec` does), then
+/// freed: the growth pattern of vectors and strings.
+pub fn grow(ops: u64, max_size: usize) {
+    for _ in 0..ops {
+        let mut layout = Layout::from_size_align(8, 8).unwrap();
+        // SAFETY: non-zero size; every realloc passes the block's current layout, and the last
+        // layout frees it.
+        unsafe {
+            let mut block = black_box(alloc(layout));
+            while layout.size() < max_size {
+                let new_size = layout.size() * 2;
+                block = black_box(realloc(block, layout, new_size));
+                layout = Layout::from_size_align(new_size, 8).unwrap();
+            }
+            dealloc(block, layout);
+        }
     }
 }
 

@@ -115,6 +115,29 @@ unsafe fn direct_dealloc<A: GlobalAlloc + 'static>(inner: &A, block: *mut u8, re
     unsafe { inner.dealloc(block, request) }
 }
 
+/// Resizes a block: jemalloc's `realloc` directly where `Jemalloc::realloc` would call it (an
+/// alignment of at most 16 and at most the new size: every small or large ordinary block),
+/// else the inner allocator's `realloc`.
+///
+/// # Safety
+/// As for `GlobalAlloc::realloc` of `request` to `new_size` on the inner allocator.
+#[inline(always)]
+unsafe fn inner_realloc<A: GlobalAlloc + 'static>(
+    inner: &A,
+    block: *mut u8,
+    request: Layout,
+    new_size: usize,
+) -> *mut u8 {
+    #[cfg(jemalloc_layout)]
+    if has_jemalloc_layout::<A>() && request.align() <= QUANTUM && request.align() <= new_size {
+        // SAFETY: `block` came from jemalloc with an alignment that plain `realloc` keeps (at
+        // most 16 and at most the new size), as `Jemalloc::realloc` relies on too.
+        return unsafe { tikv_jemalloc_sys::realloc(block.cast(), new_size) }.cast();
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { inner.realloc(block, request, new_size) }
+}
+
 #[inline(always)]
 unsafe fn inner_alloc<A: GlobalAlloc, const ZEROED: bool>(inner: &A, request: Layout) -> *mut u8 {
     // SAFETY: forwarded from the caller.
@@ -444,17 +467,17 @@ unsafe impl<A: GlobalAlloc + 'static> GlobalAlloc for TrackingAlloc<A> {
         let Some(old) = placement::<A>(layout) else {
             return ptr::null_mut();
         };
-        let Some(new) = Layout::from_size_align(new_size, layout.align())
-            .ok()
-            .and_then(placement::<A>)
-        else {
+        // SAFETY: `GlobalAlloc::realloc` requires `new_size` to be non-zero and not to overflow
+        // `isize` when rounded up to `layout.align()`, which is a power of two.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let Some(new) = placement::<A>(new_layout) else {
             return ptr::null_mut();
         };
         // SAFETY: the caller guarantees `block` is live and was allocated here with `layout`.
         let owner = unsafe { self.read_tag(block, old.tag) };
         // SAFETY: `old.request` is what was requested for `block`; `new.request` has the same
-        // alignment and a non-zero size that does not overflow `isize` (checked by `Layout`).
-        let moved = unsafe { self.inner.realloc(block, old.request, new.request.size()) };
+        // alignment and a non-zero size that does not overflow `isize` (a valid `Layout`).
+        let moved = unsafe { inner_realloc(&self.inner, block, old.request, new.request.size()) };
         if moved.is_null() {
             // The old block is untouched, tag included: nothing to count.
             return moved;

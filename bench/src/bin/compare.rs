@@ -6,6 +6,7 @@
 //! cargo build --release -p alloc-bench --bins
 //! target/release/compare            # full run, a few minutes
 //! target/release/compare --quick    # smoke run: every case once, tiny sizes
+//! target/release/compare --instructions  # only the callgrind table (deterministic)
 //! ```
 
 use std::collections::BTreeMap;
@@ -94,6 +95,9 @@ fn main() {
         .parent()
         .unwrap()
         .to_owned();
+    if std::env::args().any(|a| a == "--instructions") {
+        return callgrind(&dir, quick);
+    }
     println!(
         "Machine: {}. Medians of {rounds} interleaved rounds; ratio = variant / bare jemalloc.\n",
         machine()
@@ -251,8 +255,9 @@ fn main() {
     callgrind(&dir, quick);
 }
 
-/// Instructions per alloc+free pair, counted by callgrind: deterministic, so regressions show
-/// despite a noisy machine. The difference of two runs (N and 2N pairs) cancels start-up.
+/// Instructions per operation (an alloc+free pair, or a buffer grown by `realloc`), counted by
+/// callgrind: deterministic, so regressions show despite a noisy machine. The difference of two
+/// runs (N and 2N operations) cancels start-up.
 fn callgrind(dir: &Path, quick: bool) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         println!(
@@ -261,9 +266,9 @@ fn callgrind(dir: &Path, quick: bool) {
         return;
     }
     let n: u64 = if quick { 2000 } else { 100000 };
-    let count = |binary: &str, size: &str, ops: u64| -> u64 {
+    let count = |binary: &str, workload: &str, size: &str, ops: u64| -> u64 {
         let out_file = std::env::temp_dir().join(format!(
-            "callgrind-{binary}-{size}-{ops}-{}",
+            "callgrind-{binary}-{workload}-{size}-{ops}-{}",
             std::process::id()
         ));
         let out = Command::new("valgrind")
@@ -273,7 +278,7 @@ fn callgrind(dir: &Path, quick: bool) {
             ])
             .arg(dir.join(binary))
             .args([
-                "pairs",
+                workload,
                 "--ops",
                 &ops.to_string(),
                 "--max-size",
@@ -293,17 +298,31 @@ fn callgrind(dir: &Path, quick: bool) {
             .parse()
             .unwrap()
     };
-    println!("\n## Instructions per alloc+free pair (callgrind)\n");
-    println!("| size | path | jemalloc | tracked | added |\n|---|---|---|---|---|");
-    for (size, path) in [
-        ("100", "inline tag"),
-        ("64", "side table (exact class)"),
-        ("8192", "side table (large)"),
+    println!("\n## Instructions per operation (callgrind)\n");
+    println!("| operation | tag | jemalloc | tracked | added |\n|---|---|---|---|---|");
+    for (workload, size, operation, path) in [
+        ("pairs", "100", "alloc+free 100 B", "inline"),
+        ("pairs", "64", "alloc+free 64 B", "side table (exact class)"),
+        (
+            "pairs",
+            "4096",
+            "alloc+free 4096 B",
+            "side table (page-aligned class)",
+        ),
+        ("pairs", "8192", "alloc+free 8192 B", "side table (large)"),
+        (
+            "grow",
+            "4096",
+            "8 B grown to 4 KiB by 9 reallocs, freed",
+            "side table",
+        ),
     ] {
-        let per = |binary: &str| (count(binary, size, 2 * n) - count(binary, size, n)) / n;
+        let per = |binary: &str| {
+            (count(binary, workload, size, 2 * n) - count(binary, workload, size, n)) / n
+        };
         let (bare, tracked) = (per("bench-jemalloc"), per("bench-tracked"));
         println!(
-            "| {size} B | {path} | {bare} | {tracked} | +{} |",
+            "| {operation} | {path} | {bare} | {tracked} | +{} |",
             tracked as i64 - bare as i64
         );
     }
