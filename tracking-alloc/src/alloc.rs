@@ -9,6 +9,8 @@
 //! - jemalloc, block of at most 4 KiB whose size class has ≥ 2 bytes of slack: right after the
 //!   requested bytes. The request is rounded up to the class, which jemalloc would have served
 //!   anyway, so the tag costs no memory.
+//! - jemalloc, a class with exactly 1 spare byte (a 7-byte string, say): a one-byte tag there,
+//!   if the owner's id is below 255; otherwise that byte says "in the side table".
 //! - jemalloc, any other block (an exact size class, larger than 4 KiB, or over-aligned): in the
 //!   [`side_table`], 2 bytes per block, out of line, so exact-class `Vec` buffers keep their class.
 //! - any other inner allocator: 2 bytes appended to the request (its size classes are unknown).
@@ -152,10 +154,30 @@ unsafe fn inner_alloc<A: GlobalAlloc, const ZEROED: bool>(inner: &A, request: La
 
 #[derive(Clone, Copy)]
 enum Tag {
-    /// At this byte offset inside the block (within the bytes requested from the inner allocator).
+    /// Two bytes at this offset inside the block (within the bytes requested from the inner
+    /// allocator).
     Inline { offset: usize },
+    /// One byte at this offset (a size class with exactly one spare byte): the owner if it is
+    /// below [`BYTE_ESCAPE`], else `BYTE_ESCAPE` and the owner in the side table.
+    Byte { offset: usize, class: usize },
     /// In the side table, indexed by the block's jemalloc size class.
     Side { class: usize },
+}
+
+/// A one-byte tag that says "the owner is in the side table".
+const BYTE_ESCAPE: u8 = u8::MAX;
+
+/// Writes a one-byte tag: the owner if it is below [`BYTE_ESCAPE`] (then returns true), else
+/// the escape (then the caller records the owner in the side table).
+///
+/// # Safety
+/// `block + offset` is a byte of the request that the program never sees.
+#[inline(always)]
+unsafe fn write_byte_tag(block: *mut u8, offset: usize, owner: u16) -> bool {
+    let byte = u8::try_from(owner).unwrap_or(BYTE_ESCAPE);
+    // SAFETY: guaranteed by the caller.
+    unsafe { block.add(offset).write(byte) };
+    byte != BYTE_ESCAPE
 }
 
 #[derive(Clone, Copy)]
@@ -217,14 +239,17 @@ fn fits_inline(class: usize, size: usize) -> bool {
     class - size >= TAG_BYTES
 }
 
-/// Where a small block's tag goes.
+/// Where a small block's tag goes: right after the program's bytes (the line it wrote last is
+/// the one most likely cached) if the class has room, else in the side table.
 #[inline(always)]
 fn small_tag(class: usize, size: usize) -> Tag {
-    if fits_inline(class, size) {
-        // Right after the program's bytes: the line it wrote last is the one most likely cached.
-        Tag::Inline { offset: size }
-    } else {
-        Tag::Side { class }
+    match class - size {
+        0 => Tag::Side { class },
+        1 => Tag::Byte {
+            offset: size,
+            class,
+        },
+        _ => Tag::Inline { offset: size },
     }
 }
 
@@ -260,6 +285,13 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
                 unsafe { block.add(offset).cast::<u16>().write_unaligned(owner) };
                 owner
             }
+            Tag::Byte { offset, class } => {
+                // SAFETY: `offset + 1` is within the request, as above.
+                if unsafe { write_byte_tag(block, offset, owner) } {
+                    return owner;
+                }
+                side_table::record(&self.inner, block as usize, class, owner)
+            }
             Tag::Side { class } => side_table::record(&self.inner, block as usize, class, owner),
         }
     }
@@ -273,6 +305,13 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         match tag {
             // SAFETY: written by `write_tag` when the block was allocated; in bounds as there.
             Tag::Inline { offset } => unsafe { block.add(offset).cast::<u16>().read_unaligned() },
+            Tag::Byte { offset, class } => {
+                // SAFETY: as above.
+                match unsafe { block.add(offset).read() } {
+                    BYTE_ESCAPE => side_table::owner_of(block as usize, class),
+                    owner => u16::from(owner),
+                }
+            }
             Tag::Side { class } => side_table::owner_of(block as usize, class),
         }
     }
@@ -292,7 +331,8 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
                 return block;
             }
             if !fits_inline(class, size) {
-                return self.tag_side(block, class, owner, size);
+                // SAFETY: `block` was just returned for this layout's small placement.
+                return unsafe { self.tag_tight(block, class, owner, size) };
             }
             // SAFETY: `block` was just returned for this layout's small placement, whose tag is
             // inline (`fits_inline`).
@@ -344,6 +384,20 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
             Ledger::allocation_failed(&self.inner, ledger.scope, size);
         }
         block
+    }
+
+    /// Tags a fresh, counted small block whose class has fewer than 2 spare bytes: a one-byte
+    /// tag if it has one and the owner fits, else the side table. Returns the block.
+    ///
+    /// # Safety
+    /// `block` was just returned for the small placement of a `size`-byte layout of `class`.
+    #[inline(always)]
+    unsafe fn tag_tight(&self, block: *mut u8, class: usize, owner: u16, size: usize) -> *mut u8 {
+        // SAFETY: the class has one byte past the program's `size`.
+        if class - size == 1 && unsafe { write_byte_tag(block, size, owner) } {
+            return block;
+        }
+        self.tag_side(block, class, owner, size)
     }
 
     /// Records a fresh, counted block's owner in the side table; returns the block.

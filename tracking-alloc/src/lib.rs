@@ -51,7 +51,8 @@
 //! per-page array of `u16` indexed by the block's offset in the page (jemalloc keeps one size
 //! class per page): 2 bytes per block, rounded up to a power of two per page (see *Side table*
 //! below). An inline tag sits right after the requested bytes, on the cache line the program
-//! most likely wrote last.
+//! most likely wrote last; a class with a single spare byte holds a one-byte tag for scope ids
+//! below 255.
 //!
 //! **Counting.** Counters shared by all threads cost a contended atomic per operation (3.8× CPU
 //! on two threads). Each thread instead owns a slot of counters (one row per scope, 32 KiB,
@@ -72,8 +73,8 @@
 //! **Measured** (`BENCHMARKS.md`, 2 cores, against bare jemalloc):
 //! - heap of `HashMap<String, Vec<u64>>` + `Box<u64>` + `String`: jemalloc allocated **1.018×**
 //!   (resident 1.016×), where a 2-byte trailer on every block costs 1.22×;
-//! - instructions per alloc+free pair: +59 (inline tag), +127 (side table), +125 (8 KiB block)
-//!   over jemalloc's 85 (281 at 8 KiB);
+//! - instructions per alloc+free pair: +59 (inline tag), +67 (one-byte tag), +127 (side
+//!   table), +125 (8 KiB block) over jemalloc's 85 (281 at 8 KiB);
 //! - alloc/free churn: 1.06–1.36× CPU, the same on 1, 2 and 4 threads (shared atomic counters:
 //!   2–2.7× on 2–4 threads). That misses the 1.05× goal in a loop that does nothing but
 //!   allocate: jemalloc's pair is ~6 ns, 5 % of it is about one instruction. A serde/tokio

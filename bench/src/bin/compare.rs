@@ -302,6 +302,12 @@ fn callgrind(dir: &Path, quick: bool) {
     println!("| operation | tag | jemalloc | tracked | added |\n|---|---|---|---|---|");
     for (workload, size, operation, path) in [
         ("pairs", "100", "alloc+free 100 B", "inline"),
+        (
+            "pairs",
+            "63",
+            "alloc+free 63 B",
+            "one byte (1 spare byte in the class)",
+        ),
         ("pairs", "64", "alloc+free 64 B", "side table (exact class)"),
         (
             "pairs",

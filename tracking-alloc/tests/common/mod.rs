@@ -269,9 +269,65 @@ pub fn same_name_same_scope() {
     assert_eq!(from_macro(), a);
 }
 
+/// Blocks whose size class has exactly one spare byte (a one-byte tag under jemalloc), in
+/// scopes with ids below and above 255 (the one-byte tag's escape to the side table), grown by
+/// `realloc` and freed on another thread.
+pub fn one_spare_byte_blocks_in_many_scopes() {
+    const SIZES: [usize; 6] = [7, 15, 47, 63, 127, 159];
+    let scopes: Vec<(String, Scope)> = (0..300)
+        .map(|i| {
+            let name = format!("spare-byte-{i}");
+            let scope = Scope::named(&name);
+            (name, scope)
+        })
+        .collect();
+    assert!(scopes.iter().any(|(_, s)| s.id() < 255));
+    assert!(scopes.iter().any(|(_, s)| s.id() > 255));
+    // Allocated up front: growing it inside a scope would charge that scope.
+    let mut blocks = Vec::with_capacity(scopes.len() * SIZES.len());
+    for (_, scope) in &scopes {
+        let _g = scope.enter();
+        for size in SIZES {
+            blocks.push(black_box(vec![1u8; size]));
+        }
+    }
+    let per_scope: usize = SIZES.iter().sum();
+    for (name, _) in &scopes {
+        assert_eq!(stats(name).live_bytes, per_scope as u64, "{name}");
+    }
+    // Grown in the other scope's name: `realloc` moves the block to the scope resizing it.
+    let grower = Scope::named("spare-byte-grower");
+    {
+        let _g = grower.enter();
+        for block in blocks.iter_mut().step_by(SIZES.len()) {
+            block.reserve_exact(block.capacity() * 2 + 1 - block.len());
+        }
+    }
+    let grown: u64 = blocks
+        .iter()
+        .step_by(SIZES.len())
+        .map(|b| b.capacity() as u64)
+        .sum();
+    assert_eq!(stats("spare-byte-grower").live_bytes, grown);
+    thread::spawn(move || drop(blocks)).join().unwrap();
+    for (name, _) in &scopes {
+        let s = stats(name);
+        assert_eq!(
+            (s.live_bytes, s.allocations, s.deallocations),
+            (0, 6, 6),
+            "{s:?}"
+        );
+    }
+    assert_eq!(stats("spare-byte-grower").live_bytes, 0);
+}
+
 #[macro_export]
 macro_rules! semantics_tests {
     () => {
+        #[test]
+        fn one_spare_byte_blocks_in_many_scopes() {
+            common::one_spare_byte_blocks_in_many_scopes();
+        }
         #[test]
         fn cross_thread_frees_credit_the_owner() {
             common::cross_thread_frees_credit_the_owner();
