@@ -72,13 +72,13 @@
 //!
 //! **Measured** (`BENCHMARKS.md`, 2 cores, against bare jemalloc):
 //! - heap of `HashMap<String, Vec<u64>>` + `Box<u64>` + `String`: jemalloc allocated **1.018×**
-//!   (resident 1.016×), where a 2-byte trailer on every block costs 1.22×;
+//!   (resident 1.03×), where a 2-byte trailer on every block costs 1.22×;
 //! - instructions per alloc+free pair: +59 (inline tag), +67 (one-byte tag), +127 (side
 //!   table), +125 (8 KiB block) over jemalloc's 85 (281 at 8 KiB);
-//! - alloc/free churn: 1.06–1.36× CPU, the same on 1, 2 and 4 threads (shared atomic counters:
-//!   2–2.7× on 2–4 threads). That misses the 1.05× goal in a loop that does nothing but
+//! - alloc/free churn: 1.03–1.37× CPU, the same on 1, 2 and 4 threads (shared atomic counters:
+//!   1.9–3.0× on 2–4 threads). That misses the 1.05× goal in a loop that does nothing but
 //!   allocate: jemalloc's pair is ~6 ns, 5 % of it is about one instruction. A serde/tokio
-//!   service workload runs at 0.92× throughput.
+//!   service workload runs at 0.88–0.89× throughput (1.12× the instructions).
 //!
 //! # Side table
 //!
