@@ -178,43 +178,40 @@ impl Ledger {
 
     #[inline(always)]
     pub(crate) fn allocated(&self, owner: u16, bytes: usize) {
-        self.count(Event::Allocated, owner, bytes);
+        self.count(Event::Allocated, owner, bytes as u64, 1);
     }
 
     #[inline(always)]
     pub(crate) fn deallocated(&self, owner: u16, bytes: usize) {
-        self.count(Event::Deallocated, owner, bytes);
+        self.count(Event::Deallocated, owner, bytes as u64, 1);
     }
 
     /// Takes back an [`allocated`](Self::allocated) count made before an inner allocation that
-    /// then failed. A snapshot taken in between saw the bytes for a moment. Finds the ledger
-    /// again rather than taking it, so callers keep nothing live across the inner call for it.
+    /// then failed (adding the two's complement: counters wrap). A snapshot taken in between saw
+    /// the bytes for a moment. Finds the ledger again rather than taking it, so callers keep
+    /// nothing live across the inner call for it.
     #[cold]
     #[inline(never)]
     pub(crate) fn allocation_failed<A: GlobalAlloc>(inner: &A, owner: u16, bytes: usize) {
-        match Self::current(inner).slot {
-            Some(slot) => {
-                let (total, count) = slot.row(owner).of(Event::Allocated);
-                bump_own(total, (bytes as u64).wrapping_neg());
-                bump_own(count, u64::MAX);
-            }
-            None => {
-                let (total, count) = SHARED.row(owner).of(Event::Allocated);
-                total.fetch_sub(bytes as u64, Ordering::AcqRel);
-                count.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
+        let ledger = Self::current(inner);
+        ledger.count(
+            Event::Allocated,
+            owner,
+            (bytes as u64).wrapping_neg(),
+            u64::MAX,
+        );
     }
 
+    /// Adds `bytes` and `blocks` (wrapping) to `event`'s counters in `owner`'s row.
     #[inline(always)]
-    fn count(&self, event: Event, owner: u16, bytes: usize) {
+    fn count(&self, event: Event, owner: u16, bytes: u64, blocks: u64) {
         match self.slot {
             Some(slot) => {
                 let (total, count) = slot.row(owner).of(event);
-                bump_own(total, bytes as u64);
-                bump_own(count, 1);
+                bump_own(total, bytes);
+                bump_own(count, blocks);
             }
-            None => count_shared(event, owner, bytes),
+            None => count_shared(event, owner, bytes, blocks),
         }
     }
 }
@@ -250,10 +247,10 @@ fn bump_own(counter: &AtomicU64, by: u64) {
 /// Counts in the shared fallback slot, which any thread may write: atomic adds.
 #[cold]
 #[inline(never)]
-fn count_shared(event: Event, owner: u16, bytes: usize) {
+fn count_shared(event: Event, owner: u16, bytes: u64, blocks: u64) {
     let (total, count) = SHARED.row(owner).of(event);
-    total.fetch_add(bytes as u64, Ordering::AcqRel);
-    count.fetch_add(1, Ordering::AcqRel);
+    total.fetch_add(bytes, Ordering::AcqRel);
+    count.fetch_add(blocks, Ordering::AcqRel);
 }
 
 /// Gives the thread a slot: a free one left by an exited thread, or a new one.
