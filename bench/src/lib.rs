@@ -86,6 +86,17 @@ fn jemalloc_allocated_resident() -> (u64, u64) {
 }
 
 /// Runs the workload named on the command line and prints one JSON line with the measurements.
+/// Enters one of 256 scopes (`bench-0` …), as the tracking variants' workloads do.
+pub fn enter_bench_scope(n: usize) -> tracking_alloc::ScopeGuard {
+    static SCOPES: std::sync::OnceLock<Vec<tracking_alloc::Scope>> = std::sync::OnceLock::new();
+    let scopes = SCOPES.get_or_init(|| {
+        (0..256)
+            .map(|i| tracking_alloc::Scope::named(&format!("bench-{i}")))
+            .collect()
+    });
+    scopes[n % scopes.len()].enter()
+}
+
 pub fn main<G: 'static>(variant: Variant<G>) {
     let run = Run::from_args();
     let enter = |n: usize| match (run.mode, variant.enter) {

@@ -23,6 +23,7 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::ptr;
 
 use crate::counters::Ledger;
+use crate::mode;
 use crate::side_table;
 use crate::size_class::{aligned_class, small_class_aligned, QUANTUM, SMALL_MAX};
 
@@ -77,7 +78,7 @@ fn has_jemalloc_layout<A: 'static>() -> bool {
 /// # Safety
 /// `request` has a non-zero size of at least its alignment, which is at most [`QUANTUM`].
 #[inline(always)]
-unsafe fn direct_alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
+pub(crate) unsafe fn direct_alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
     inner: &A,
     request: Layout,
 ) -> *mut u8 {
@@ -106,7 +107,11 @@ unsafe fn direct_alloc<A: GlobalAlloc + 'static, const ZEROED: bool>(
 /// `block` is live and was returned by [`direct_alloc`] for `request`, or by the inner
 /// allocator's own `alloc` for it (which calls the same jemalloc function).
 #[inline(always)]
-unsafe fn direct_dealloc<A: GlobalAlloc + 'static>(inner: &A, block: *mut u8, request: Layout) {
+pub(crate) unsafe fn direct_dealloc<A: GlobalAlloc + 'static>(
+    inner: &A,
+    block: *mut u8,
+    request: Layout,
+) {
     #[cfg(jemalloc_layout)]
     if has_jemalloc_layout::<A>() {
         // SAFETY: `block` came from jemalloc's `malloc`/`calloc` with exactly this size (see
@@ -124,7 +129,7 @@ unsafe fn direct_dealloc<A: GlobalAlloc + 'static>(inner: &A, block: *mut u8, re
 /// # Safety
 /// As for `GlobalAlloc::realloc` of `request` to `new_size` on the inner allocator.
 #[inline(always)]
-unsafe fn inner_realloc<A: GlobalAlloc + 'static>(
+pub(crate) unsafe fn inner_realloc<A: GlobalAlloc + 'static>(
     inner: &A,
     block: *mut u8,
     request: Layout,
@@ -141,7 +146,10 @@ unsafe fn inner_realloc<A: GlobalAlloc + 'static>(
 }
 
 #[inline(always)]
-unsafe fn inner_alloc<A: GlobalAlloc, const ZEROED: bool>(inner: &A, request: Layout) -> *mut u8 {
+pub(crate) unsafe fn inner_alloc<A: GlobalAlloc, const ZEROED: bool>(
+    inner: &A,
+    request: Layout,
+) -> *mut u8 {
     // SAFETY: forwarded from the caller.
     unsafe {
         if ZEROED {
@@ -271,6 +279,42 @@ fn small_request(class: usize, align: usize) -> Layout {
     unsafe { Layout::from_size_align_unchecked(class, align) }
 }
 
+/// Records a fresh, counted block's owner in the side table; returns the block.
+#[inline(always)]
+pub(crate) fn tag_side<A: GlobalAlloc>(
+    inner: &A,
+    block: *mut u8,
+    class: usize,
+    owner: u16,
+    size: usize,
+) -> *mut u8 {
+    if side_table::try_record(block as usize, class, owner) {
+        return block;
+    }
+    // The page's first side-table block: a tail call, out of line.
+    record_side(inner, block, class, owner, size)
+}
+
+/// Records a fresh block's owner in the side table, growing the table. The block was already
+/// counted for `owner`; if the table could not get memory for the block's page it answers
+/// `unscoped` for the block from now on, so the count moves there.
+#[cold]
+#[inline(never)]
+fn record_side<A: GlobalAlloc>(
+    inner: &A,
+    block: *mut u8,
+    class: usize,
+    owner: u16,
+    size: usize,
+) -> *mut u8 {
+    let recorded = side_table::record(inner, block as usize, class, owner);
+    if recorded != owner {
+        Ledger::allocation_failed(inner, owner, size);
+        Ledger::current(inner).allocated(recorded, size);
+    }
+    block
+}
+
 impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
     /// Writes `owner` into a fresh block's tag; returns the owner actually recorded.
     ///
@@ -361,7 +405,7 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         if block.is_null() {
             return block;
         }
-        self.tag_side(block, SMALL_MAX, ledger.scope, layout.size())
+        tag_side(&self.inner, block, SMALL_MAX, ledger.scope, layout.size())
     }
 
     /// Counts a block of `size` bytes for the ledger's scope, then allocates `request` straight
@@ -397,31 +441,7 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
         if class - size == 1 && unsafe { write_byte_tag(block, size, owner) } {
             return block;
         }
-        self.tag_side(block, class, owner, size)
-    }
-
-    /// Records a fresh, counted block's owner in the side table; returns the block.
-    #[inline(always)]
-    fn tag_side(&self, block: *mut u8, class: usize, owner: u16, size: usize) -> *mut u8 {
-        if side_table::try_record(block as usize, class, owner) {
-            return block;
-        }
-        // The page's first side-table block: a tail call, out of line.
-        self.record_side(block, class, owner, size)
-    }
-
-    /// Records a fresh block's owner in the side table, growing the table. The block was
-    /// already counted for `owner`; if the table could not get memory for the block's page it
-    /// answers `unscoped` for the block from now on, so the count moves there.
-    #[cold]
-    #[inline(never)]
-    fn record_side(&self, block: *mut u8, class: usize, owner: u16, size: usize) -> *mut u8 {
-        let recorded = side_table::record(&self.inner, block as usize, class, owner);
-        if recorded != owner {
-            Ledger::allocation_failed(&self.inner, owner, size);
-            Ledger::current(&self.inner).allocated(recorded, size);
-        }
-        block
+        tag_side(&self.inner, block, class, owner, size)
     }
 
     /// Frees a large block with ordinary alignment, out of line.
@@ -441,6 +461,11 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
     /// allocators other than jemalloc, and a thread's first block (it claims a counter slot).
     #[inline(never)]
     unsafe fn allocate_general<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
+        if has_jemalloc_layout::<A>() {
+            mode::record(mode::Placement::SizeClass);
+        } else {
+            mode::record_appended(std::any::type_name::<A>());
+        }
         let Some(place) = placement::<A>(layout) else {
             return ptr::null_mut();
         };

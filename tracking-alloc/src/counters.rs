@@ -16,7 +16,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::scope::{MAX_SCOPES, UNSCOPED_ID};
 
@@ -49,6 +49,9 @@ pub(crate) struct Slot {
     rows: [Counters; MAX_SCOPES],
     /// Set while a live thread owns the slot. Last, far from the hot rows.
     in_use: AtomicBool,
+    /// The sampled mode's explicit jemalloc thread cache for its region (index + 1; 0: none
+    /// yet). It belongs to the slot, so the next thread to adopt the slot reuses it.
+    pub(crate) region_cache: AtomicU32,
 }
 
 impl Slot {
@@ -69,6 +72,7 @@ static SLOT_COUNT: AtomicUsize = AtomicUsize::new(0);
 static SHARED: Slot = Slot {
     rows: [const { Counters::zero() }; MAX_SCOPES],
     in_use: AtomicBool::new(false),
+    region_cache: AtomicU32::new(0),
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -184,6 +188,24 @@ impl Ledger {
     #[inline(always)]
     pub(crate) fn deallocated(&self, owner: u16, bytes: usize) {
         self.count(Event::Deallocated, owner, bytes as u64, 1);
+    }
+
+    /// The thread's own slot, if it has one (the sampled mode keeps its thread cache there).
+    #[inline]
+    pub(crate) fn slot(&self) -> Option<&'static Slot> {
+        self.slot
+    }
+
+    /// Counts a sampled allocation by its weights (the bytes and blocks it stands for).
+    #[inline(always)]
+    pub(crate) fn allocated_weighted(&self, owner: u16, bytes: u64, blocks: u64) {
+        self.count(Event::Allocated, owner, bytes, blocks);
+    }
+
+    /// Counts the free of a sampled block by the weights it was allocated with.
+    #[inline(always)]
+    pub(crate) fn deallocated_weighted(&self, owner: u16, bytes: u64, blocks: u64) {
+        self.count(Event::Deallocated, owner, bytes, blocks);
     }
 
     /// Takes back an [`allocated`](Self::allocated) count made before an inner allocation that

@@ -99,6 +99,12 @@ mod counters;
 mod future;
 #[cfg(feature = "tracing")]
 mod layer;
+mod mode;
+#[cfg(sampled_mode)]
+mod region;
+#[cfg(sampled_mode)]
+mod sampled;
+mod sampler;
 mod scope;
 mod side_table;
 mod size_class;
@@ -108,6 +114,12 @@ pub use alloc::TrackingAlloc;
 pub use future::{InScope, InScopeExt};
 #[cfg(feature = "tracing")]
 pub use layer::{MemoryScopeLayer, SCOPE_FIELD};
+pub use mode::{placement, sampling_unavailable, tracking_warning, Placement};
+#[cfg(sampled_mode)]
+pub use sampled::{SampledAlloc, DEFAULT_SAMPLE_INTERVAL, EXACT_MIN};
+#[doc(hidden)]
+pub use sampler::__set_sampling_seed;
+pub use sampler::sample_interval;
 #[doc(hidden)]
 pub use scope::CallSite;
 pub use scope::{Scope, ScopeGuard, MAX_SCOPES};

@@ -23,6 +23,7 @@ pub struct ScopeStats {
 /// first). Costs one pass over the per-thread slots; meant for a scrape every few seconds, not
 /// for a hot loop.
 pub fn snapshot() -> Vec<ScopeStats> {
+    crate::mode::warn_once();
     let names = scope::names();
     let totals = counters::totals(names.len());
     names

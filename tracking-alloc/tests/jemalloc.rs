@@ -151,3 +151,13 @@ fn future_hops_worker_threads_in_its_scope() {
     drop(pending);
     assert_eq!(common::stats("cancelled").live_bytes, 0);
 }
+
+#[test]
+fn the_fast_placement_is_in_use() {
+    assert_eq!(
+        tracking_alloc::placement(),
+        Some(tracking_alloc::Placement::SizeClass)
+    );
+    assert_eq!(tracking_alloc::sample_interval(), None, "exact mode");
+    assert_eq!(tracking_alloc::tracking_warning(), None);
+}

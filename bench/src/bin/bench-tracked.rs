@@ -1,24 +1,14 @@
 //! The workloads under `TrackingAlloc<Jemalloc>`.
-use tracking_alloc::{Scope, ScopeGuard, TrackingAlloc};
+use tracking_alloc::TrackingAlloc;
 
 #[global_allocator]
 static GLOBAL: TrackingAlloc<tikv_jemallocator::Jemalloc> =
     TrackingAlloc::new(tikv_jemallocator::Jemalloc);
 
-fn enter(n: usize) -> ScopeGuard {
-    static SCOPES: std::sync::OnceLock<Vec<Scope>> = std::sync::OnceLock::new();
-    let scopes = SCOPES.get_or_init(|| {
-        (0..256)
-            .map(|i| Scope::named(&format!("bench-{i}")))
-            .collect()
-    });
-    scopes[n % scopes.len()].enter()
-}
-
 fn main() {
     alloc_bench::main(alloc_bench::Variant {
         name: "tracked",
-        enter: Some(enter),
+        enter: Some(alloc_bench::enter_bench_scope),
         jemalloc_stats: true,
     });
 }
