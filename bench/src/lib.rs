@@ -107,6 +107,8 @@ pub fn main<G: 'static>(variant: Variant<G>) {
         (Mode::Nested, Some(enter)) => Some(enter(n)),
         _ => None,
     };
+    // The syn workload reads its sources before the clock starts.
+    let sources = (run.workload == "syn").then(|| rust_sources(run.ops as usize));
     let (cpu0, wall0) = (cpu_seconds(), Instant::now());
     let mut extra = String::new();
     match run.workload.as_str() {
@@ -150,13 +152,66 @@ pub fn main<G: 'static>(variant: Variant<G>) {
             let done = service(run.ops as usize, run.threads, enter);
             extra = format!(r#","requests":{done}"#);
         }
-        other => panic!("unknown workload {other}: churn, pairs, grow, heap, service"),
+        "syn" => {
+            let _scope = enter(0);
+            let sources = sources.as_deref().unwrap_or_default();
+            let items: usize = sources
+                .iter()
+                .filter_map(|source| syn::parse_file(source).ok())
+                .map(|file| black_box(file).items.len())
+                .sum();
+            extra = format!(r#","files":{},"items":{items}"#, sources.len());
+        }
+        other => panic!("unknown workload {other}: churn, pairs, grow, heap, service, syn"),
     }
     let (cpu, wall) = (cpu_seconds() - cpu0, wall0.elapsed().as_secs_f64());
     println!(
         r#"{{"variant":"{}","workload":"{}","threads":{},"max_size":{},"mode":"{:?}","cpu_s":{cpu:.6},"wall_s":{wall:.6}{extra}}}"#,
         variant.name, run.workload, run.threads, run.max_size, run.mode
     );
+}
+
+/// Up to `count` Rust source files (under 256 KiB each) from cargo's registry sources, in path
+/// order: a real allocation-heavy program's input (parsing them with `syn`, as proc macros and
+/// tools do). `BENCH_SOURCES` names another directory.
+fn rust_sources(count: usize) -> Vec<String> {
+    let root = std::env::var_os("BENCH_SOURCES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("CARGO_HOME")
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo"))
+                })
+                .expect("CARGO_HOME or HOME");
+            home.join("registry").join("src")
+        });
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(path),
+                Ok(t) if t.is_file() && path.extension().is_some_and(|e| e == "rs") => {
+                    files.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    files.sort();
+    let sources: Vec<String> = files
+        .iter()
+        .filter(|p| p.metadata().is_ok_and(|m| m.len() < 256 * 1024))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .take(count)
+        .collect();
+    assert!(!sources.is_empty(), "no .rs files under {}", root.display());
+    sources
 }
 
 /// xorshift64*: cheap, deterministic sizes.

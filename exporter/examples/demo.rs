@@ -21,11 +21,126 @@ use std::time::Duration;
 use tracing::instrument;
 use tracing_subscriber::prelude::*;
 use tracking_alloc::prelude::*;
-use tracking_alloc::{scope, MemoryScopeLayer, TrackingAlloc};
+use tracking_alloc::{scope, MemoryScopeLayer};
 
+/// A service picks one mode with one line (`SampledAlloc` or `TrackingAlloc` as its
+/// `#[global_allocator]`); the demo carries both to show either (`--tracking`).
 #[global_allocator]
-static GLOBAL: TrackingAlloc<tikv_jemallocator::Jemalloc> =
-    TrackingAlloc::new(tikv_jemallocator::Jemalloc);
+static GLOBAL: either_mode::EitherMode = either_mode::EitherMode::new();
+
+/// The demo's allocator: exact or sampled, fixed before the first allocation.
+mod either_mode {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use tikv_jemallocator::Jemalloc;
+    use tracking_alloc::{SampledAlloc, TrackingAlloc};
+
+    /// The environment variable that fixes the mode at start-up; `main` sets it and executes
+    /// the demo again when `--tracking` asks for the other mode.
+    pub const VARIABLE: &str = "MEMORY_DEMO_TRACKING";
+
+    pub struct EitherMode {
+        exact: TrackingAlloc<Jemalloc>,
+        sampled: SampledAlloc<Jemalloc>,
+    }
+
+    const UNDECIDED: u8 = 0;
+    const EXACT: u8 = 1;
+    const SAMPLED: u8 = 2;
+    static MODE: AtomicU8 = AtomicU8::new(UNDECIDED);
+
+    impl EitherMode {
+        pub const fn new() -> Self {
+            EitherMode {
+                exact: TrackingAlloc::new(Jemalloc),
+                sampled: SampledAlloc::new(Jemalloc),
+            }
+        }
+
+        /// The mode, read from the environment on the process's first allocation (before
+        /// `main`, on one thread). `getenv` reads the environment in place: no allocation.
+        #[inline]
+        fn sampled(&self) -> bool {
+            let mode = match MODE.load(Ordering::Relaxed) {
+                UNDECIDED => {
+                    // SAFETY: a NUL-terminated name; the result is null or a C string that
+                    // lives as long as the environment, which nothing changes this early.
+                    let value = unsafe { libc::getenv(c"MEMORY_DEMO_TRACKING".as_ptr()) };
+                    let exact = !value.is_null()
+                        // SAFETY: as above.
+                        && unsafe { std::ffi::CStr::from_ptr(value) }.to_bytes() == b"exact";
+                    let mode = if exact { EXACT } else { SAMPLED };
+                    MODE.store(mode, Ordering::Relaxed);
+                    mode
+                }
+                mode => mode,
+            };
+            mode == SAMPLED
+        }
+
+        /// The mode this process runs: `exact` or `sampled`.
+        pub fn mode(&self) -> &'static str {
+            if self.sampled() {
+                "sampled"
+            } else {
+                "exact"
+            }
+        }
+    }
+
+    // SAFETY: every block is allocated and freed by the same one of the two allocators: the
+    // mode is fixed at the first allocation and never changes.
+    unsafe impl GlobalAlloc for EitherMode {
+        #[inline]
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: forwarded contract.
+            unsafe {
+                if self.sampled() {
+                    self.sampled.alloc(layout)
+                } else {
+                    self.exact.alloc(layout)
+                }
+            }
+        }
+
+        #[inline]
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: forwarded contract.
+            unsafe {
+                if self.sampled() {
+                    self.sampled.alloc_zeroed(layout)
+                } else {
+                    self.exact.alloc_zeroed(layout)
+                }
+            }
+        }
+
+        #[inline]
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: forwarded contract; the same mode allocated `ptr`.
+            unsafe {
+                if self.sampled() {
+                    self.sampled.dealloc(ptr, layout)
+                } else {
+                    self.exact.dealloc(ptr, layout)
+                }
+            }
+        }
+
+        #[inline]
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: forwarded contract; the same mode allocated `ptr`.
+            unsafe {
+                if self.sampled() {
+                    self.sampled.realloc(ptr, layout, new_size)
+                } else {
+                    self.exact.realloc(ptr, layout, new_size)
+                }
+            }
+        }
+    }
+}
 
 /// jemalloc's default options, embedded so heap profiles work with no environment variable:
 /// sampling on, one sample per 512 KiB allocated on average. `_RJEM_MALLOC_CONF` overrides it
@@ -37,6 +152,8 @@ const USAGE: &str = "\
 usage: demo [OPTIONS]
 
   --listen ADDR           serve metrics on ADDR (default 127.0.0.1:9464)
+  --tracking MODE         sampled (default: per-scope estimates, ~1.03x CPU) or exact
+                          (every block counted, ~1.15x CPU); see the README's Costs
   --leak-rate BYTES       bytes per second the `cache` scope leaks (default 32768, ~112 MiB/h)
   --requests-per-sec N    simulated requests per second (default 200)
   --batch-every SECS      seconds between batch jobs (default 30)
@@ -54,6 +171,7 @@ usage: demo [OPTIONS]
 
 struct Options {
     listen: SocketAddr,
+    tracking: String,
     leak_rate: u64,
     requests_per_sec: u64,
     batch_every: Duration,
@@ -71,6 +189,7 @@ struct Options {
 fn parse_options() -> Result<Options, String> {
     let mut options = Options {
         listen: exporter::DEFAULT_LISTEN,
+        tracking: "sampled".into(),
         leak_rate: 32 * 1024,
         requests_per_sec: 200,
         batch_every: Duration::from_secs(30),
@@ -104,6 +223,10 @@ fn parse_options() -> Result<Options, String> {
                     .parse()
                     .map_err(|_| bad("an address like 127.0.0.1:9464"))?
             }
+            "--tracking" => match value.as_str() {
+                "exact" | "sampled" => options.tracking = value,
+                _ => return Err(bad("exact or sampled")),
+            },
             "--leak-rate" => {
                 options.leak_rate = value.parse().map_err(|_| bad("a number of bytes"))?
             }
@@ -149,6 +272,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if GLOBAL.mode() != options.tracking {
+        run_again_in(&options.tracking);
+    }
     tracing_subscriber::registry()
         .with(MemoryScopeLayer::new())
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
@@ -189,7 +315,10 @@ fn main() {
         }
     };
     let addr = exporter.local_addr();
-    println!("demo service running; memory metrics at:");
+    println!(
+        "demo service running ({} tracking); memory metrics at:",
+        GLOBAL.mode()
+    );
     println!("  http://{addr}/metrics");
     println!("  http://{addr}/       (all routes)");
     if options.debug_routes {
@@ -218,6 +347,22 @@ fn main() {
     runtime.shutdown_timeout(Duration::from_secs(1));
     exporter.shutdown();
     println!("demo stopped");
+}
+
+/// Executes the demo again with the allocator mode `mode` (fixed at the first allocation, so it
+/// cannot change inside this process).
+fn run_again_in(mode: &str) -> ! {
+    use std::os::unix::process::CommandExt;
+    let error = std::env::current_exe()
+        .map(|exe| {
+            std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env(either_mode::VARIABLE, mode)
+                .exec()
+        })
+        .unwrap_or_else(|e| e);
+    eprintln!("demo: cannot restart in {mode} tracking mode: {error}");
+    std::process::exit(1);
 }
 
 async fn wait_for_stop_signal() {

@@ -143,6 +143,9 @@ impl ExporterBuilder {
                 source,
             })?;
 
+        if let Some(warning) = tracking_alloc::tracking_warning() {
+            tracing::warn!("memory exporter: {warning}");
+        }
         let cache = StatsCache::default();
         let health = ExporterMetrics::new();
         let registry = prometheus::Registry::new();

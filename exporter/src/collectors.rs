@@ -219,16 +219,45 @@ impl Collector for JemallocCollector {
 type ScopeFamily = (Family, fn(&tracking_alloc::ScopeStats) -> u64);
 
 const SCOPE_FAMILIES: [ScopeFamily; 5] = [
-    (Family { name: "memory_scope_live_bytes", help: "Bytes allocated in the scope and not yet freed (requested sizes), wherever they are freed.", kind: MetricType::GAUGE, labels: &["scope"] }, |s| s.live_bytes),
+    (Family { name: "memory_scope_live_bytes", help: "Bytes allocated in the scope and not yet freed (requested sizes), wherever they are freed. An unbiased estimate in sampled mode (memory_tracking_info).", kind: MetricType::GAUGE, labels: &["scope"] }, |s| s.live_bytes),
     (Family { name: "memory_scope_allocated_bytes_total", help: "Bytes ever allocated in the scope (requested sizes; a realloc counts its new size).", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.allocated_bytes),
     (Family { name: "memory_scope_deallocated_bytes_total", help: "Bytes of the scope's blocks ever freed, on any thread, in any scope.", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.deallocated_bytes),
-    (Family { name: "memory_scope_allocations_total", help: "Allocations made in the scope (a realloc counts as one free and one allocation).", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.allocations),
+    (Family { name: "memory_scope_allocations_total", help: "Allocations made in the scope (a realloc counts as one free and one allocation). An unbiased estimate in sampled mode.", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.allocations),
     (Family { name: "memory_scope_deallocations_total", help: "Frees of blocks the scope allocated.", kind: MetricType::COUNTER, labels: &["scope"] }, |s| s.deallocations),
 ];
 
+const TRACKING_INFO: Family = Family {
+    name: "memory_tracking_info",
+    help: "How per-scope memory is measured; always 1. mode: exact (TrackingAlloc: every block), sampled (SampledAlloc: unbiased estimates from one sample per sample_interval_bytes on average) or none (no tracking allocator installed). placement: where owners are recorded (size_class: inline slack or side table, the fast exact placement; appended: 2 bytes added to every block; sampled).",
+    kind: MetricType::GAUGE,
+    labels: &["mode", "placement", "sample_interval_bytes"],
+};
+
+const TRACKING_WARNING: Family = Family::gauge(
+    "memory_tracking_warning",
+    "1 when the tracking allocator does not work as configured (a jemalloc it does not recognise, so the slower appended placement; or a sampled mode that could not reserve its address range, so scopes read zero); the reason is logged at start-up and by the first snapshot. 0 otherwise.",
+);
+
+/// The `memory_tracking_info` labels of the running program.
+fn tracking_labels() -> [String; 3] {
+    let placement = tracking_alloc::placement();
+    let interval = tracking_alloc::sample_interval();
+    let mode = match (interval, placement) {
+        (Some(_), _) => "sampled",
+        (None, Some(_)) => "exact",
+        (None, None) => "none",
+    };
+    [
+        mode.to_string(),
+        placement.map_or("none", |p| p.as_str()).to_string(),
+        interval.unwrap_or(0).to_string(),
+    ]
+}
+
 /// Per-scope counters from `tracking_alloc::snapshot()`, read at scrape time (no epoch needed:
 /// the counters are always current). Every registered scope is exported, zeros included, so
-/// `rate()` and `increase()` see a series from its first scrape.
+/// `rate()` and `increase()` see a series from its first scrape. Also `memory_tracking_info`
+/// (exact or sampled mode) and `memory_tracking_warning`.
 pub struct ScopeCollector {
     descs: Vec<Desc>,
 }
@@ -236,7 +265,11 @@ pub struct ScopeCollector {
 impl ScopeCollector {
     pub fn new() -> ScopeCollector {
         ScopeCollector {
-            descs: SCOPE_FAMILIES.iter().map(|(f, _)| f.desc()).collect(),
+            descs: SCOPE_FAMILIES
+                .iter()
+                .map(|(f, _)| f.desc())
+                .chain([TRACKING_INFO.desc(), TRACKING_WARNING.desc()])
+                .collect(),
         }
     }
 }
@@ -254,7 +287,7 @@ impl Collector for ScopeCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let scopes = tracking_alloc::snapshot();
-        SCOPE_FAMILIES
+        let mut families: Vec<_> = SCOPE_FAMILIES
             .iter()
             .map(|(family, value)| {
                 family.samples(scopes.iter().map(|s| {
@@ -262,7 +295,13 @@ impl Collector for ScopeCollector {
                     (labels, value(s) as f64)
                 }))
             })
-            .collect()
+            .collect();
+        let info = tracking_labels();
+        let info: Vec<&str> = info.iter().map(String::as_str).collect();
+        families.push(TRACKING_INFO.samples([(&info[..], 1.0)]));
+        let warned = tracking_alloc::tracking_warning().is_some();
+        families.push(TRACKING_WARNING.single(f64::from(u8::from(warned))));
+        families
     }
 }
 
@@ -436,6 +475,23 @@ mod tests {
             .get_metric()
             .iter()
             .any(|m| m.get_label()[0].value() == "unscoped"));
+        // The unit tests run under TrackingAlloc<Jemalloc>: exact, fast placement, no warning.
+        let info = &family(&families, "memory_tracking_info").get_metric()[0];
+        let labels: Vec<_> = info
+            .get_label()
+            .iter()
+            .map(|l| (l.name(), l.value()))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("mode", "exact"),
+                ("placement", "size_class"),
+                ("sample_interval_bytes", "0")
+            ]
+        );
+        let warning = family(&families, "memory_tracking_warning").get_metric()[0].get_gauge();
+        assert_eq!(warning.get_value(), 0.0);
         drop(held);
     }
 

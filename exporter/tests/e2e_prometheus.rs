@@ -16,7 +16,18 @@ fn prometheus_scrapes_the_demo() {
     ) else {
         return;
     };
-    let demo = Demo::start(&["--batch-every", "2", "--requests-per-sec", "400"], &[]);
+    // Sampled mode (the demo's default, named here): per-scope estimates, not exact counts.
+    let demo = Demo::start(
+        &[
+            "--tracking",
+            "sampled",
+            "--batch-every",
+            "2",
+            "--requests-per-sec",
+            "400",
+        ],
+        &[],
+    );
 
     let scrape = get(demo.addr, "/metrics");
     assert_eq!(scrape.status, 200);
@@ -88,6 +99,27 @@ fn prometheus_scrapes_the_demo() {
             }
         }
     }
+    server.wait_for(
+        "memory_tracking_info{job=\"demo\",mode=\"sampled\",sample_interval_bytes=\"65536\"}",
+        Duration::from_secs(10),
+    );
+    // The default leak (~32 KiB/s requested, ~40 KiB/s with keys and the map: ~100-150 MiB/h)
+    // shows as steady growth of the sampled estimate: over 30 s of 1 s scrapes, its slope is
+    // positive and of the leak's order (sampling noise at 64 KiB is ~0.4 MB on a few MB).
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(35) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let slope = server.wait_for(
+        "deriv(memory_scope_live_bytes{job=\"demo\",scope=\"cache\"}[30s])",
+        Duration::from_secs(10),
+    );
+    let bytes_per_sec: f64 = slope[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(
+        (10_000.0..150_000.0).contains(&bytes_per_sec),
+        "cache grows steadily in sampled mode: {bytes_per_sec:.0} B/s over 30 s"
+    );
+
     // The rule files load and the recording rules evaluate.
     server.wait_for(
         "instance:jemalloc_fragmentation:ratio{job=\"demo\"}",

@@ -90,6 +90,12 @@ impl Scope {
             .unwrap_or("overflow")
     }
 
+    /// The registered scope with this [`id`](Scope::id), if any.
+    pub fn by_id(id: u16) -> Option<Scope> {
+        let _bookkeeping = Scope::UNSCOPED.enter();
+        (usize::from(id) < registry().names.len()).then_some(Scope(id))
+    }
+
     /// The scope's numeric id: its row in [`snapshot`](crate::snapshot) order.
     pub fn id(self) -> u16 {
         self.0

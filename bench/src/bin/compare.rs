@@ -104,8 +104,8 @@ fn main() {
     );
 
     println!("## Churn: CPU time, 1024 live blocks in a ring\n");
-    println!("| sizes | threads | jemalloc (s) | tracked, one scope | tracked, no scope | tracked, nested | shared-atomic | tracking-allocator | System |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| sizes | threads | jemalloc (s) | sampled, one scope | tracked, one scope | tracked, no scope | tracked, nested | shared-atomic | tracking-allocator | System |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for max in ["64", "1024", "16384"] {
         for threads in ["1", "2", "4"] {
             let common = [
@@ -122,6 +122,7 @@ fn main() {
             };
             let cases = [
                 case("bench-jemalloc", "jemalloc", &with("none")),
+                case("bench-sampled", "sampled-scope", &with("scope")),
                 case("bench-tracked", "tracked-scope", &with("scope")),
                 case("bench-tracked", "tracked-none", &with("none")),
                 case("bench-tracked", "tracked-nested", &with("nested")),
@@ -137,7 +138,8 @@ fn main() {
             let base = m["jemalloc"];
             let r = |k: &str| format!("{:.3}×", m[k] / base);
             println!(
-                "| 1–{max} B | {threads} | {base:.3} | {} | {} | {} | {} | {} | {} |",
+                "| 1–{max} B | {threads} | {base:.3} | {} | {} | {} | {} | {} | {} | {} |",
+                r("sampled-scope"),
                 r("tracked-scope"),
                 r("tracked-none"),
                 r("tracked-nested"),
@@ -157,6 +159,7 @@ fn main() {
     let entries = if quick { "2000" } else { "300000" };
     let heap_cases: Vec<Case> = [
         ("bench-jemalloc", "jemalloc", "none"),
+        ("bench-sampled", "sampled", "scope"),
         ("bench-tracked", "tracked", "scope"),
         (
             "bench-shared-atomic",
@@ -194,6 +197,7 @@ fn main() {
     let requests = if quick { "2000" } else { "200000" };
     let cases: Vec<Case> = [
         ("bench-jemalloc", "jemalloc", "none"),
+        ("bench-sampled", "sampled, scoped tasks", "scope"),
         ("bench-tracked", "tracked, scoped tasks", "scope"),
         ("bench-tracked", "tracked, unscoped", "none"),
     ]
@@ -218,6 +222,37 @@ fn main() {
     println!("| allocator | wall (s) | throughput vs jemalloc |\n|---|---|---|");
     for (label, wall) in &m {
         println!("| {label} | {wall:.3} | {:.3}× |", m["jemalloc"] / wall);
+    }
+
+    println!(
+        "\n## A real program: syn parsing Rust sources from cargo's registry, CPU time, \
+         {service_rounds} rounds\n"
+    );
+    let files = if quick { "20" } else { "1500" };
+    let syn = ["syn", "--ops", files, "--mode", "scope"];
+    let mut cases = vec![
+        case("bench-jemalloc", "jemalloc", &syn),
+        case("bench-sampled", "sampled (SampledAlloc, 64 KiB)", &syn),
+        case("bench-tracked", "exact (TrackingAlloc)", &syn),
+        case(
+            "bench-jemalloc",
+            "jemalloc heap profiling alone (lg_prof_sample:19)",
+            &syn,
+        ),
+    ];
+    cases[3].env = vec![(
+        "_RJEM_MALLOC_CONF",
+        "prof:true,prof_active:true,lg_prof_sample:19",
+    )];
+    let m = measure(&dir, &cases, service_rounds, "cpu_s");
+    println!("| allocator | CPU (s) | ratio |\n|---|---|---|");
+    for case in &cases {
+        println!(
+            "| {} | {:.3} | {:.3}× |",
+            case.label,
+            m[case.label],
+            m[case.label] / m["jemalloc"]
+        );
     }
 
     println!("\n## Profiling cost: bare jemalloc churn (1–1024 B, 1 thread), CPU time\n");
@@ -305,7 +340,9 @@ fn callgrind(dir: &Path, quick: bool) {
             .unwrap()
     };
     println!("\n## Instructions per operation (callgrind)\n");
-    println!("| operation | tag | jemalloc | tracked | added |\n|---|---|---|---|---|");
+    println!(
+        "| operation | tag (exact mode) | jemalloc | tracked | added | sampled | added |\n|---|---|---|---|---|---|---|"
+    );
     for (workload, size, operation, path) in [
         ("pairs", "100", "alloc+free 100 B", "inline"),
         (
@@ -332,10 +369,15 @@ fn callgrind(dir: &Path, quick: bool) {
         let per = |binary: &str| {
             (count(binary, workload, size, 2 * n) - count(binary, workload, size, n)) / n
         };
-        let (bare, tracked) = (per("bench-jemalloc"), per("bench-tracked"));
+        let (bare, tracked, sampled) = (
+            per("bench-jemalloc"),
+            per("bench-tracked"),
+            per("bench-sampled"),
+        );
         println!(
-            "| {operation} | {path} | {bare} | {tracked} | +{} |",
-            tracked as i64 - bare as i64
+            "| {operation} | {path} | {bare} | {tracked} | +{} | {sampled} | {:+} |",
+            tracked as i64 - bare as i64,
+            sampled as i64 - bare as i64
         );
     }
 }

@@ -136,13 +136,43 @@ impl HeapProfile {
         }
     }
 
-    /// The profile in jemalloc's own text format, readable by `jeprof`.
+    /// The profile without scope pseudo-frames (`scope_frames`), which jeprof could not name:
+    /// stacks that differed only by scope are merged (counts add, saturating).
+    pub fn without_scope_frames(&self) -> HeapProfile {
+        let mut stacks: Vec<Stack> = Vec::with_capacity(self.stacks.len());
+        let mut index: HashMap<&[u64], usize> = HashMap::new();
+        for stack in &self.stacks {
+            let (addrs, _scope) = super::scope_frames::split(&stack.addrs);
+            match index.get(addrs) {
+                Some(&i) => {
+                    stacks[i].objects = stacks[i].objects.saturating_add(stack.objects);
+                    stacks[i].bytes = stacks[i].bytes.saturating_add(stack.bytes);
+                }
+                None => {
+                    index.insert(addrs, stacks.len());
+                    stacks.push(Stack {
+                        addrs: addrs.to_vec(),
+                        ..stack.clone()
+                    });
+                }
+            }
+        }
+        HeapProfile {
+            period: self.period,
+            stacks,
+            maps: self.maps.clone(),
+        }
+    }
+
+    /// The profile in jemalloc's own text format, readable by `jeprof`, without scope
+    /// pseudo-frames ([`HeapProfile::without_scope_frames`]).
     pub fn to_text(&self) -> String {
-        let (objects, bytes) = self.stacks.iter().fold((0u64, 0u64), |(o, b), s| {
+        let plain = self.without_scope_frames();
+        let (objects, bytes) = plain.stacks.iter().fold((0u64, 0u64), |(o, b), s| {
             (o.saturating_add(s.objects), b.saturating_add(s.bytes))
         });
         let mut out = format!("heap_v2/{}\n  t*: {objects}: {bytes} [0: 0]\n", self.period);
-        for stack in &self.stacks {
+        for stack in &plain.stacks {
             out.push('@');
             for addr in &stack.addrs {
                 let _ = write!(out, " {addr:#x}");

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use super::heap_dump::HeapProfile;
+use super::scope_frames;
 use super::symbols::{mappings, Symbolizer};
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -49,6 +50,17 @@ struct Sample {
     location_id: Vec<u64>,
     #[prost(int64, repeated, tag = "2")]
     value: Vec<i64>,
+    #[prost(message, repeated, tag = "3")]
+    label: Vec<Label>,
+}
+
+/// A sample's label: here `scope` = the owner's name (`go tool pprof -tagfocus=scope=cache`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Label {
+    #[prost(int64, tag = "1")]
+    key: i64,
+    #[prost(int64, tag = "2")]
+    str: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -131,7 +143,8 @@ impl Strings {
 }
 
 /// Encodes `heap` (sampled counts, unbiased here) as a gzipped pprof profile with two sample
-/// types, `objects`/`count` and `space`/`bytes`, symbolized in-process.
+/// types, `objects`/`count` and `space`/`bytes`, symbolized in-process, each sample labelled
+/// with its owner's `scope` where the dump carries it (see `scope_frames`).
 pub fn encode(heap: &HeapProfile, symbols: &mut Symbolizer, comment: &str) -> Vec<u8> {
     let mut strings = Strings::default();
     strings.id("");
@@ -167,8 +180,17 @@ pub fn encode(heap: &HeapProfile, symbols: &mut Symbolizer, comment: &str) -> Ve
     let mut functions: HashMap<(String, Option<String>), u64> = HashMap::new();
     let mut function = Vec::new();
     let mut sample = Vec::new();
+    let scope_key = strings.id("scope");
     for stack in &heap.stacks {
-        let addrs = symbols.trim_allocator_frames(&stack.addrs);
+        let (addrs, scope) = scope_frames::split(&stack.addrs);
+        let label = scope
+            .map(|id| Label {
+                key: scope_key,
+                str: strings.id(scope_frames::name(id)),
+            })
+            .into_iter()
+            .collect();
+        let addrs = symbols.trim_allocator_frames(addrs);
         let mut location_id = Vec::with_capacity(addrs.len());
         for &addr in addrs {
             let id = match locations.get(&addr) {
@@ -217,6 +239,7 @@ pub fn encode(heap: &HeapProfile, symbols: &mut Symbolizer, comment: &str) -> Ve
         sample.push(Sample {
             location_id,
             value: vec![objects.round() as i64, bytes.round() as i64],
+            label,
         });
     }
 

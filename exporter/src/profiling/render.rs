@@ -3,21 +3,31 @@
 use std::collections::BTreeMap;
 
 use super::heap_dump::HeapProfile;
+use super::scope_frames;
 use super::symbols::Symbolizer;
 
 /// Folded stacks, `outer;…;inner <bytes>` per line, unbiased live bytes, sorted, identical
-/// stacks merged: the input of flamegraph tools.
+/// stacks merged: the input of flamegraph tools. Where the dump carries the owner scope, the
+/// outermost frame is `[scope NAME]`.
 pub fn collapsed(heap: &HeapProfile, symbols: &mut Symbolizer) -> String {
     let mut folded: BTreeMap<String, f64> = BTreeMap::new();
     for stack in &heap.stacks {
         let (_, bytes) = stack.unbiased(heap.period);
-        let addrs = symbols.trim_allocator_frames(&stack.addrs).to_vec();
+        let (addrs, scope) = scope_frames::split(&stack.addrs);
+        let addrs = symbols.trim_allocator_frames(addrs).to_vec();
         let mut names = Vec::new();
         for addr in addrs.iter().rev() {
             // Frames at one address are innermost first; the folded line runs outermost first.
             for frame in symbols.frames(*addr).iter().rev() {
                 names.push(frame.function.replace(';', ":"));
             }
+        }
+        if names.is_empty() {
+            continue;
+        }
+        // The owner scope is the root, so the graph first splits by part of the program.
+        if let Some(id) = scope {
+            names.insert(0, format!("[scope {}]", scope_frames::name(id)));
         }
         *folded.entry(names.join(";")).or_default() += bytes;
     }

@@ -89,8 +89,9 @@ fn is_allocator_frame(function: &str) -> bool {
         "ialloc",
         "tikv_jemallocator::",
         "<tikv_jemallocator::",
-        "tracking_alloc::alloc::",
-        "<tracking_alloc::alloc::",
+        "tracking_alloc::",
+        "<tracking_alloc::",
+        "exporter::profiling::scope_frames::",
         "__rustc::",
         "__rust_",
         "__rdl_",
@@ -99,7 +100,9 @@ fn is_allocator_frame(function: &str) -> bool {
         "std::alloc::",
         "0x",
     ];
+    // Any global allocator's methods, the program's own wrappers included.
     PREFIXES.iter().any(|p| function.starts_with(p))
+        || function.contains(" as core::alloc::global::GlobalAlloc>::")
 }
 
 /// An executable mapping of the process, from the profile's `MAPPED_LIBRARIES` section.
