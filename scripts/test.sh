@@ -89,6 +89,23 @@ no_default_features() {
         cargo test -p tracking-alloc --no-default-features
 }
 step "tracking-alloc without default features (clippy, tests)" no_default_features
+# The crates accept tikv-jemallocator >=0.6.1, <0.8 (one jemalloc per program): besides the
+# workspace's 0.7, test them against 0.6 in a scratch copy whose lock file is moved there.
+jemalloc_0_6() {
+    local root=$PWD scratch
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' RETURN
+    git ls-files --cached --others --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$scratch"
+    sed -i 's/version = ">=0.6.1, <0.8"/version = "~0.6.1"/' "$scratch/Cargo.toml"
+    (
+        cd "$scratch" &&
+            cargo update -q -p tikv-jemallocator -p tikv-jemalloc-ctl -p tikv-jemalloc-sys &&
+            grep -A1 '^name = "tikv-jemallocator"$' Cargo.lock | grep -q '^version = "0\.6\.' &&
+            CARGO_TARGET_DIR="$root/target/jemalloc-0.6" cargo test -p tracking-alloc -p exporter \
+                --all-features --lib --test scrape --test sampled --test jemalloc
+    )
+}
+step "tracking-alloc and exporter on tikv-jemallocator 0.6" jemalloc_0_6
 step "valgrind memcheck on the allocator stress tests" memcheck
 step "promtool and docker-compose config checks" config_checks
 bench_smoke() {
