@@ -37,8 +37,12 @@ static BASE: AtomicUsize = AtomicUsize::new(NO_REGION);
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// The end of the reserved range (set before the arena exists, as its set-up calls the hooks).
 static LIMIT: AtomicUsize = AtomicUsize::new(0);
-/// The arena's index, valid once `STATE` is [`READY`].
-static ARENA: AtomicUsize = AtomicUsize::new(0);
+/// Region arenas, so threads do not contend for one arena's bin locks when their caches fill
+/// and flush (as jemalloc's own arenas spread threads): one per CPU, at most this many.
+const MAX_ARENAS: usize = 16;
+/// The arenas' indices, valid once `STATE` is [`READY`]; `ARENA_COUNT` of them.
+static ARENAS: [AtomicUsize; MAX_ARENAS] = [const { AtomicUsize::new(0) }; MAX_ARENAS];
+static ARENA_COUNT: AtomicUsize = AtomicUsize::new(1);
 
 const UNSET: u8 = 0;
 const STARTING: u8 = 1;
@@ -103,6 +107,24 @@ fn set_up() -> Result<(), u8> {
     let base = reserve().ok_or(1)?;
     NEXT.store(base, Ordering::Relaxed);
     LIMIT.store(base + REGION_BYTES, Ordering::Release);
+    // SAFETY: `sysconf` only reads a system setting.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.clamp(1, MAX_ARENAS as _);
+    let mut count = 0;
+    for slot in &ARENAS[..cpus as usize] {
+        let Some(arena) = create_arena() else { break };
+        slot.store(arena, Ordering::Relaxed);
+        count += 1;
+    }
+    if count == 0 {
+        return Err(2);
+    }
+    ARENA_COUNT.store(count, Ordering::Relaxed);
+    BASE.store(base, Ordering::Release);
+    Ok(())
+}
+
+/// A jemalloc arena whose extents come from the region's hooks.
+fn create_arena() -> Option<usize> {
     let mut arena: c_uint = 0;
     let mut arena_len = size_of::<c_uint>();
     let mut hooks: *mut sys::extent_hooks_t = ptr::from_ref(&HOOKS.0).cast_mut();
@@ -118,12 +140,7 @@ fn set_up() -> Result<(), u8> {
             size_of::<*mut sys::extent_hooks_t>(),
         )
     } != 0;
-    if failed {
-        return Err(2);
-    }
-    ARENA.store(arena as usize, Ordering::Relaxed);
-    BASE.store(base, Ordering::Release);
-    Ok(())
+    (!failed).then_some(arena as usize)
 }
 
 /// Reserves `REGION_BYTES` of address space aligned to its size: maps twice that inaccessible,
@@ -220,7 +237,11 @@ pub(crate) unsafe fn alloc(
     if !ready() {
         return ptr::null_mut();
     }
-    let arena = sys::MALLOCX_ARENA(ARENA.load(Ordering::Relaxed));
+    // Threads with a cache of their own spread over the arenas by its index (stable per slot);
+    // others share the first.
+    let spread = cache.map_or(0, |c| c.load(Ordering::Relaxed) as usize);
+    let arena = ARENAS[spread % ARENA_COUNT.load(Ordering::Relaxed)].load(Ordering::Relaxed);
+    let arena = sys::MALLOCX_ARENA(arena);
     let zero = if zeroed { sys::MALLOCX_ZERO } else { 0 };
     // SAFETY: non-zero size, valid flags (an arena that exists, a power-of-two alignment, an
     // explicit cache that only this thread uses).
