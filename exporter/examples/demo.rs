@@ -152,8 +152,8 @@ const USAGE: &str = "\
 usage: demo [OPTIONS]
 
   --listen ADDR           serve metrics on ADDR (default 127.0.0.1:9464)
-  --tracking MODE         sampled (default: per-scope estimates, ~1.03x CPU) or exact
-                          (every block counted, ~1.15x CPU); see the README's Costs
+  --tracking MODE         sampled (default: per-scope estimates, 0.97-0.99x CPU on a real
+                          program) or exact (every block counted, 1.09-1.14x); README: Costs
   --leak-rate BYTES       bytes per second the `cache` scope leaks (default 32768, ~112 MiB/h)
   --requests-per-sec N    simulated requests per second (default 200)
   --batch-every SECS      seconds between batch jobs (default 30)

@@ -4,20 +4,8 @@
 //! `#[instrument]`-ed async functions are attributed with no extra code, and
 //! `#[instrument(fields(memory_scope = "cache"))]` groups several spans under one scope.
 //! tracing re-enters a span on every poll of an instrumented future, on whichever thread polls
-//! it, so the scope follows the task across worker threads like [`crate::InScope`] does.
-//!
-//! ```
-//! use tracing_subscriber::prelude::*;
-//!
-//! tracing_subscriber::registry()
-//!     .with(tracking_alloc::MemoryScopeLayer::new())
-//!     .init();
-//!
-//! let span = tracing::info_span!("parse", memory_scope = "ingest");
-//! let _entered = span.enter();
-//! let buffer = vec![0u8; 4096]; // charged to the "ingest" scope
-//! # drop(buffer);
-//! ```
+//! it, so the scope follows the task across worker threads like [`crate::InScope`] does. The
+//! example is on [`MemoryScopeLayer`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -35,7 +23,22 @@ use crate::{counters, Scope};
 /// Name of the span field that overrides the span name as the scope name.
 pub const SCOPE_FIELD: &str = "memory_scope";
 
-/// Enters the span's scope while the span is entered. See the [module docs](self).
+/// Enters the span's scope while the span is entered: the span's `memory_scope` field names
+/// the scope, else the span's name, so `#[instrument]`-ed functions are attributed with no
+/// extra code; the scope follows an instrumented future across worker threads.
+///
+/// ```
+/// use tracing_subscriber::prelude::*;
+///
+/// tracing_subscriber::registry()
+///     .with(tracking_alloc::MemoryScopeLayer::new())
+///     .init();
+///
+/// let span = tracing::info_span!("parse", memory_scope = "ingest");
+/// let _entered = span.enter();
+/// let buffer = vec![0u8; 4096]; // charged to the "ingest" scope
+/// # drop(buffer);
+/// ```
 #[derive(Debug, Default, Clone, Copy)]
 pub struct MemoryScopeLayer {
     _private: (),
