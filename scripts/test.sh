@@ -82,6 +82,7 @@ export CI="${CI:-}"
 install_tools
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --all-features -- -D warnings
+step "cargo doc -D warnings" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 step "cargo test (unit, integration, end-to-end)" cargo test --workspace --all-features
 # Without the `jemalloc` feature the tracker appends its tag to every request (any allocator).
 no_default_features() {
