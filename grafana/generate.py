@@ -38,6 +38,8 @@ def build(uid, title, description, panels, with_scope):
         if x + p["w"] > 24:
             x, y, row_h = 0, y + row_h, 0
         field_defaults = {"unit": p["unit"]}
+        if "mappings" in p["options"]:
+            field_defaults["mappings"] = p["options"]["mappings"]
         custom = {}
         if p["type"] == "timeseries":
             custom = {"fillOpacity": 10, "lineWidth": 1, "showPoints": "never"}
@@ -59,7 +61,8 @@ def build(uid, title, description, panels, with_scope):
                                 "reduceOptions": {"calcs": ["lastNotNull"], "values": False}}
         if p["type"] == "stat":
             entry["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "values": False},
-                                "colorMode": "value", "graphMode": "area"}
+                                "colorMode": "value", "graphMode": "area",
+                                "textMode": p["options"].get("text_mode", "auto")}
         out.append(entry)
         x += p["w"]
         row_h = max(row_h, p["h"])
@@ -69,6 +72,25 @@ def build(uid, title, description, panels, with_scope):
             "templating": {"list": variables(with_scope)}, "panels": out,
             "links": [{"title": "Memory scopes" if uid == "memory-overview" else "Memory overview",
                        "type": "link", "url": "/d/" + ("memory-scopes" if uid == "memory-overview" else "memory-overview")}]}
+
+
+def tracking_mode(w, h):
+    """The per-scope figures' provenance: exact counts or sampled estimates (memory_tracking_info)."""
+    return panel("stat", "Tracking mode",
+                 "How the per-scope figures are measured. exact: TrackingAlloc counts every block. "
+                 "sampled: SampledAlloc records one block per sample_interval_bytes allocated on "
+                 "average and weights it, so scope figures are unbiased estimates with a relative "
+                 "error of about sqrt(interval / bytes held). A warning means tracking does not work "
+                 "as configured (see the service's log).", "none",
+                 [q(f"memory_tracking_info{{{SEL}}} + on (job, instance) group_left "
+                    f"memory_tracking_warning{{{SEL}}}",
+                    "{{instance}}: {{mode}}, interval {{sample_interval_bytes}} B, {{placement}}",
+                    instant=True)],
+                 w=w, h=h, text_mode="value_and_name",
+                 mappings=[{"type": "value", "options": {
+                     "1": {"text": "ok", "color": "green", "index": 0},
+                     "2": {"text": "WARNING: not as configured, see the service's log",
+                           "color": "red", "index": 1}}}])
 
 
 OVERVIEW = [
@@ -119,6 +141,7 @@ OVERVIEW = [
           "(prof.active). Profiles over HTTP need both.", "bool",
           [q(f"jemalloc_profiling_enabled{{{SEL}}}", "enabled {{instance}}"),
            q(f"jemalloc_profiling_active{{{SEL}}}", "active {{instance}}")], w=6, h=5),
+    tracking_mode(w=24, h=3),
     panel("timeseries", "Exporter refresh duration",
           "Time to advance jemalloc's epoch and read its statistics, every refresh interval. It takes "
           "arena locks: if it reaches milliseconds, raise the refresh interval.", "s",
@@ -130,6 +153,7 @@ OVERVIEW = [
 ]
 
 SCOPES = [
+    tracking_mode(w=24, h=3),
     panel("timeseries", "Live bytes per scope",
           "Bytes each scope holds right now (requested sizes), stacked. A block stays with the scope "
           "that allocated it wherever it is freed. A band that only rises is a leak candidate.",
