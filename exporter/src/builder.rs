@@ -10,7 +10,7 @@ use tracking_alloc::prelude::*;
 
 use crate::collectors::{register_all, ExporterMetrics, StatsCache};
 use crate::profiling::{AutoDump, DumpLimits, Profiler, ProfilingConfig};
-use crate::server::{self, Limits, ServerState};
+use crate::server::{self, ExporterService, Limits, ServerState};
 use crate::Error;
 
 /// Default listen address: loopback only, the OpenTelemetry Prometheus exporter's port.
@@ -31,6 +31,8 @@ pub struct ExporterBuilder {
     profiling: ProfilingConfig,
     debug_token: Option<String>,
     metrics_token: Option<String>,
+    /// Whether `start` binds a listener of its own (`without_server` turns it off).
+    own_server: bool,
 }
 
 impl Default for ExporterBuilder {
@@ -44,6 +46,7 @@ impl Default for ExporterBuilder {
             profiling: ProfilingConfig::default(),
             debug_token: None,
             metrics_token: None,
+            own_server: true,
         }
     }
 }
@@ -125,23 +128,28 @@ impl ExporterBuilder {
         self
     }
 
-    /// Binds the listener, takes a first reading, and starts the refresh task and the server:
-    /// on the current tokio runtime if there is one, else on a thread of its own.
+    /// Serves no HTTP of its own: `start` runs the refresh (and automatic dumps) only, and the
+    /// service mounts the routes in its own server with [`ExporterHandle::service`] (any
+    /// `tower` stack) or [`ExporterHandle::router`] (axum, feature `axum`). `listen` and the
+    /// connection limits then do not apply; tokens, parameter checks and the one-profile-at-a-
+    /// time rule do.
+    pub fn without_server(mut self) -> Self {
+        self.own_server = false;
+        self
+    }
+
+    /// Binds the listener (unless [`without_server`](Self::without_server)), takes a first
+    /// reading, and starts the refresh task and the server: on the current tokio runtime if
+    /// there is one, else on a thread of its own. They run until [`ExporterHandle::shutdown`];
+    /// dropping the handle leaves them running for the life of the process, so
+    /// `let _ = builder.start()?;` serves as one expects.
     pub fn start(self) -> Result<ExporterHandle, Error> {
-        let listener = std::net::TcpListener::bind(self.listen).map_err(|source| Error::Bind {
-            addr: self.listen,
-            source,
-        })?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
-            addr: self.listen,
-            source,
-        })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| Error::Bind {
-                addr: self.listen,
-                source,
-            })?;
+        let listener = if self.own_server {
+            Some(bind(self.listen)?)
+        } else {
+            None
+        };
+        let local_addr = listener.as_ref().map_or(NO_ADDRESS, |(_, addr)| *addr);
 
         if let Some(warning) = tracking_alloc::tracking_warning() {
             tracing::warn!("memory exporter: {warning}");
@@ -161,17 +169,18 @@ impl ExporterBuilder {
             }
             Profiler::new(self.profiling, health.prof_dumps.clone()).shared()
         });
-        let state = Arc::new(ServerState {
+        let service = ExporterService::new(Arc::new(ServerState {
             registries,
             health: health.clone(),
             limits: self.limits,
             profiler: profiler.clone(),
             debug_token: self.debug_token,
             metrics_token: self.metrics_token,
-        });
+        }));
 
-        let (stop, stopped) = watch::channel(false);
+        let (stop, mut stopped) = watch::channel(false);
         let interval = self.refresh_interval;
+        let server = service.clone();
         let run = async move {
             let refresh = tokio::spawn(refresh_loop(
                 cache,
@@ -180,9 +189,12 @@ impl ExporterBuilder {
                 interval,
                 stopped.clone(),
             ));
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => server::serve(listener, state, stopped).await,
-                Err(e) => tracing::error!("memory exporter: cannot serve: {e}"),
+            match listener.map(|(listener, _)| tokio::net::TcpListener::from_std(listener)) {
+                Some(Ok(listener)) => server::serve(listener, server, stopped).await,
+                Some(Err(e)) => tracing::error!("memory exporter: cannot serve: {e}"),
+                None => {
+                    let _ = stopped.changed().await;
+                }
             }
             refresh.abort();
         }
@@ -205,10 +217,24 @@ impl ExporterBuilder {
         Ok(ExporterHandle {
             local_addr,
             registry,
-            stop,
+            service,
+            stop: Some(stop),
             runner: Some(runner),
         })
     }
+}
+
+/// What [`ExporterHandle::local_addr`] answers when there is no built-in server.
+const NO_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// A non-blocking listener on `addr`, and the address actually bound.
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), Error> {
+    let error = |source| Error::Bind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(error)?;
+    let local_addr = listener.local_addr().map_err(error)?;
+    listener.set_nonblocking(true).map_err(error)?;
+    Ok((listener, local_addr))
 }
 
 async fn refresh_loop(
@@ -250,18 +276,50 @@ enum Runner {
     Thread(JoinHandle<()>),
 }
 
-/// A running exporter. Dropping it stops the exporter; [`ExporterHandle::shutdown`] also waits.
+/// A running exporter. [`ExporterHandle::shutdown`] stops it and waits; dropping the handle
+/// leaves it running for the life of the process (as `metrics-exporter-prometheus`'s
+/// `install()` does), so keeping the handle is only needed to stop it or to mount its routes.
 pub struct ExporterHandle {
     local_addr: SocketAddr,
     registry: prometheus::Registry,
-    stop: watch::Sender<bool>,
+    service: ExporterService,
+    /// Taken by `shutdown`/`stopped`; leaked on drop, so the exporter keeps running.
+    stop: Option<watch::Sender<bool>>,
     runner: Option<Runner>,
 }
 
 impl ExporterHandle {
-    /// The address actually bound (useful with port 0).
+    /// The address the built-in server bound (useful with port 0); `0.0.0.0:0` for an
+    /// exporter started [`without_server`](ExporterBuilder::without_server).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The routes as a `tower::Service` for any request body type, answering `/metrics` and
+    /// `/debug/*` exactly as the built-in server does (see [`ExporterService`]). Route the
+    /// paths `/metrics` and `/debug/...` of your server to it.
+    pub fn service(&self) -> ExporterService {
+        self.service.clone()
+    }
+
+    /// The routes as an `axum::Router` to `merge` into an application's router: `/metrics`
+    /// and everything under `/debug/`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let exporter = exporter::Exporter::builder().without_server().start()?;
+    /// let app = axum::Router::new()
+    ///     .route("/hello", axum::routing::get(|| async { "hello" }))
+    ///     .merge(exporter.router());
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// axum::serve(listener, app).await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "axum")]
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .route_service("/metrics", self.service())
+            .route_service("/debug/{*path}", self.service())
     }
 
     /// The registry holding the exporter's collectors, e.g. to add a collector of your own.
@@ -273,7 +331,9 @@ impl ExporterHandle {
     /// exporter runs on its own thread, waits for it. Inside a tokio runtime this only signals;
     /// await [`ExporterHandle::stopped`] to wait there.
     pub fn shutdown(mut self) {
-        let _ = self.stop.send(true);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
         if let Some(Runner::Thread(thread)) = self.runner.take() {
             let _ = thread.join();
         }
@@ -281,7 +341,9 @@ impl ExporterHandle {
 
     /// Signals shutdown and waits for the exporter's task or thread to finish.
     pub async fn stopped(mut self) {
-        let _ = self.stop.send(true);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
         match self.runner.take() {
             Some(Runner::Task(task)) => {
                 let _ = task.await;
@@ -296,6 +358,9 @@ impl ExporterHandle {
 
 impl Drop for ExporterHandle {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        // The exporter runs until the sender says stop or is dropped: keep it for good.
+        if let Some(stop) = self.stop.take() {
+            std::mem::forget(stop);
+        }
     }
 }

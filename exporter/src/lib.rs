@@ -44,7 +44,11 @@ pub use builder::{ExporterBuilder, ExporterHandle, DEFAULT_LISTEN, DEFAULT_REFRE
 pub use collectors::{JemallocCollector, ScopeCollector, StatsCache};
 pub use error::Error;
 pub use profiling::{AutoDump, AutoMetric, DumpLimits, ProfilingConfig};
+/// The `prometheus` crate this exporter is built with: register collectors in a
+/// `exporter::prometheus::Registry` to serve them too, with no version mismatch.
+pub use prometheus;
 pub use release::{register_release, release_probes};
+pub use server::ExporterService;
 
 /// Entry point: `Exporter::builder()…start()`.
 pub struct Exporter;

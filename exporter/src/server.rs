@@ -1,15 +1,19 @@
-//! The HTTP side: routes, limits and graceful shutdown, on hyper 1.
+//! The HTTP side: one `tower::Service` that answers every route ([`ExporterService`]), and the
+//! built-in hyper 1 server, a thin shell around it that adds connection limits and graceful
+//! shutdown.
 //!
 //! Every response that is not a success says what went wrong and what to do instead. Requests
 //! are never used to name files; bodies are never read.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -123,7 +127,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(request: &Request<Incoming>, token: Option<&str>) -> bool {
+fn authorized(request: &Request<()>, token: Option<&str>) -> bool {
     let Some(token) = token else { return true };
     request
         .headers()
@@ -155,7 +159,8 @@ pub(crate) fn text(status: StatusCode, body: impl Into<String>) -> Response<Body
     response
 }
 
-async fn handle(state: Arc<ServerState>, request: Request<Incoming>) -> Response<Body> {
+/// Answers one request (its body already dropped: no route reads one).
+async fn handle(state: Arc<ServerState>, request: Request<()>) -> Response<Body> {
     let path = request.uri().path();
     let Some((route, methods)) = route(path) else {
         return text(
@@ -215,7 +220,7 @@ async fn handle(state: Arc<ServerState>, request: Request<Incoming>) -> Response
     response
 }
 
-fn has_body(request: &Request<Incoming>) -> bool {
+fn has_body(request: &Request<()>) -> bool {
     let headers = request.headers();
     headers.contains_key(header::TRANSFER_ENCODING)
         || headers
@@ -226,7 +231,7 @@ fn has_body(request: &Request<Incoming>) -> bool {
 
 async fn debug_route(
     route: Route,
-    request: &Request<Incoming>,
+    request: &Request<()>,
     profiler: Arc<Profiler>,
 ) -> Result<Response<Body>, ProfileError> {
     let query = request.uri().query();
@@ -298,13 +303,63 @@ fn metrics(state: &ServerState) -> Response<Body> {
     response
 }
 
+/// `/metrics` and `/debug/*`, exactly as the built-in server answers them (tokens, 4xx for bad
+/// parameters, one profiling operation at a time, nothing from a request used as a path), as a
+/// `tower::Service` for any request body type: mount it in an existing server. Connection-level
+/// limits (connections at once, header timeouts) are the host server's. Get one from
+/// [`crate::ExporterHandle::service`].
+///
+/// Its work, and the memory it takes, is charged to the `exporter` scope.
+#[derive(Clone)]
+pub struct ExporterService {
+    state: Arc<ServerState>,
+    scope: Scope,
+}
+
+impl ExporterService {
+    pub(crate) fn new(state: Arc<ServerState>) -> ExporterService {
+        ExporterService {
+            state,
+            scope: Scope::named("exporter"),
+        }
+    }
+}
+
+impl std::fmt::Debug for ExporterService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExporterService")
+            .field("debug_routes", &self.state.profiler.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> tower_service::Service<Request<B>> for ExporterService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // No route reads a body (POST with one gets 413, judged from the headers), so it is
+        // dropped here and the future does not depend on the body type.
+        let (parts, _body) = request.into_parts();
+        let request = Request::from_parts(parts, ());
+        let state = self.state.clone();
+        Box::pin(async move { Ok(handle(state, request).await) }.in_scope(self.scope))
+    }
+}
+
 /// Accepts connections until `shutdown` turns true, then lets requests in flight finish.
 pub(crate) async fn serve(
     listener: TcpListener,
-    state: Arc<ServerState>,
+    service: ExporterService,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let scope = Scope::named("exporter");
+    let state = service.state.clone();
+    let scope = service.scope;
     let connections = Arc::new(Semaphore::new(state.limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
@@ -331,11 +386,9 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let state = state.clone();
-        let service = service_fn(move |request| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(state, request).await) }
-        });
+        let service = service.clone();
+        let service =
+            service_fn(move |request| tower_service::Service::call(&mut service.clone(), request));
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(
             async move {

@@ -191,3 +191,54 @@ fn serves_a_service_registry_too() {
     assert_eq!(value_of(&samples, "app_requests_total", None), Some(3.0));
     assert!(value_of(&samples, "jemalloc_allocated_bytes", None).is_some());
 }
+
+/// `let _ = builder.start()?;` keeps serving: a dropped handle leaves the exporter running;
+/// only `shutdown` stops it.
+#[test]
+fn a_dropped_handle_keeps_the_exporter_running() {
+    let addr = start().local_addr(); // the handle is dropped at the end of this statement
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(get(addr, "/metrics").status, 200);
+
+    let stopped = start();
+    let addr = stopped.local_addr();
+    stopped.shutdown();
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "shutdown stops it"
+    );
+}
+
+/// Without a server of its own the exporter binds nothing and still refreshes; its service
+/// answers as the built-in server would.
+#[test]
+fn without_server_binds_nothing_and_serves_through_its_service() {
+    let exporter = exporter::Exporter::builder()
+        .without_server()
+        .refresh_interval(Duration::from_millis(20))
+        .start()
+        .unwrap();
+    assert_eq!(exporter.local_addr(), "0.0.0.0:0".parse().unwrap());
+    let mut service = exporter.service();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let response = runtime.block_on(tower_service::Service::call(
+        &mut service,
+        http::Request::get("/metrics").body(()).unwrap(),
+    ));
+    let response = response.unwrap();
+    assert_eq!(response.status(), 200);
+    let debug = runtime.block_on(tower_service::Service::call(
+        &mut service,
+        http::Request::get("/debug/pprof/status")
+            .body(String::new())
+            .unwrap(),
+    ));
+    assert_eq!(
+        debug.unwrap().status(),
+        404,
+        "debug routes are off unless enabled"
+    );
+    exporter.shutdown();
+}

@@ -222,16 +222,22 @@ pub fn demo_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("DEMO_BIN") {
         return bin.into();
     }
+    example_binary("demo", &[])
+}
+
+/// An example of the exporter crate, built in release mode with `features`.
+pub fn example_binary(name: &str, features: &[&str]) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "exporter", "--example", "demo"])
+        .args(["build", "--release", "-p", "exporter", "--example", name])
+        .args(["--features", &features.join(",")])
         .current_dir(workspace_root())
         .status()
-        .expect("cannot run cargo to build the demo");
-    assert!(status.success(), "building the demo failed");
-    target.join("release/examples/demo")
+        .expect("cannot run cargo to build an example");
+    assert!(status.success(), "building the example {name} failed");
+    target.join("release/examples").join(name)
 }
 
 /// A running demo process, killed on drop.

@@ -1,0 +1,164 @@
+//! The exporter's routes mounted in an axum application: the same answers as the built-in
+//! server, over real HTTP, on the application's own port.
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{example_binary, get, request};
+
+#[global_allocator]
+static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =
+    tracking_alloc::TrackingAlloc::new(tikv_jemallocator::Jemalloc);
+
+/// Profiling on, so the profile routes answer (and one runs at a time).
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &[u8; 45] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
+
+const TOKEN: &str = "s3cret";
+
+/// An axum app with a route of its own and the exporter's router merged in, served on a port
+/// of its own runtime thread.
+fn start_app() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let exporter = exporter::Exporter::builder()
+                .without_server()
+                .debug_routes(true)
+                .debug_token(TOKEN)
+                .max_profile_seconds(5)
+                .start()
+                .unwrap();
+            let app = axum::Router::new()
+                .route(
+                    "/hello",
+                    axum::routing::get(|| async { "hello from the app" }),
+                )
+                .merge(exporter.router());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap()
+}
+
+fn bearer(token: &str) -> (&'static str, String) {
+    ("authorization", format!("Bearer {token}"))
+}
+
+#[test]
+fn mounted_routes_keep_every_rule_of_the_built_in_server() {
+    let a = start_app();
+    let right = bearer(TOKEN);
+    let wrong = bearer("nope");
+    let with = |h: &(&'static str, String)| vec![(h.0, h.1.clone())];
+    let call = |method: &str, target: &str, headers: &[(&'static str, String)]| {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        request(a, method, target, &headers)
+    };
+
+    // The app's own route and the exporter's, on one port.
+    assert_eq!(get(a, "/hello").text(), "hello from the app");
+    let metrics = get(a, "/metrics");
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    assert!(text.contains("jemalloc_allocated_bytes") && text.contains("memory_tracking_info"));
+
+    // Every debug route: no token or a wrong one is 401, the right one is not.
+    for (method, target) in [
+        ("GET", "/debug/pprof/status"),
+        ("GET", "/debug/pprof/heap?format=collapsed"),
+        ("POST", "/debug/pprof/heap/activate"),
+        ("GET", "/debug/pprof/dumps"),
+        ("POST", "/debug/memory/release?probe=all"),
+    ] {
+        assert_eq!(call(method, target, &[]).status, 401, "{method} {target}");
+        assert_eq!(
+            call(method, target, &with(&wrong)).status,
+            401,
+            "{method} {target}"
+        );
+        let ok = call(method, target, &with(&right));
+        assert!(
+            ok.status < 300,
+            "{method} {target}: {} {}",
+            ok.status,
+            ok.text()
+        );
+    }
+
+    // Bad input: 4xx with a message, as from the built-in server.
+    let bad = call("GET", "/debug/pprof/heap?format=bogus", &with(&right));
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(bad.text().contains("format"), "{}", bad.text());
+    let unknown = call("GET", "/debug/pprof/heap?colour=red", &with(&right));
+    assert_eq!(unknown.status, 400, "{}", unknown.text());
+    let path = call(
+        "GET",
+        "/debug/pprof/dumps/..%2F..%2Fetc%2Fpasswd",
+        &with(&right),
+    );
+    assert!(matches!(path.status, 400 | 404), "{}", path.text());
+    let method = call("GET", "/debug/pprof/heap/activate", &with(&right));
+    assert_eq!(method.status, 405);
+    assert_eq!(method.header("allow"), Some("POST"));
+    let mut with_body = with(&right);
+    with_body.push(("content-length", "3".into()));
+    assert_eq!(call("POST", "/debug/pprof/dumps", &with_body).status, 413);
+    let missing = call("GET", "/debug/nothing-here", &with(&right));
+    assert_eq!(missing.status, 404);
+
+    // One profiling operation at a time: a second one during a timed profile gets 409.
+    let timed = std::thread::spawn(move || {
+        let right = bearer(TOKEN);
+        request(
+            a,
+            "GET",
+            "/debug/pprof/heap?seconds=2",
+            &[(right.0, right.1.as_str())],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = call("GET", "/debug/pprof/heap", &with(&right));
+    assert_eq!(busy.status, 409, "{}", busy.text());
+    assert!(busy.header("retry-after").is_some());
+    assert_eq!(timed.join().unwrap().status, 200);
+}
+
+/// The example application, as a user runs it: its routes and the exporter's on one port.
+#[test]
+fn the_axum_example_serves_both_on_one_port() {
+    let binary = example_binary("axum_app", &["axum"]);
+    let mut child = Command::new(binary)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the example starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .parse()
+        .unwrap();
+    for id in 0..50 {
+        assert_eq!(get(addr, &format!("/orders/{id}")).status, 200);
+    }
+    let metrics = get(addr, "/metrics").text();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        metrics.contains("memory_scope_live_bytes{scope=\"orders\"}"),
+        "the app's scope is exported:\n{metrics}"
+    );
+    assert!(metrics.contains("memory_tracking_info{mode=\"sampled\""));
+}
