@@ -15,6 +15,7 @@ mod auto;
 pub mod ctl;
 mod dumps;
 mod heap_dump;
+pub mod operations;
 mod pprof;
 mod render;
 pub mod scope_frames;
@@ -240,14 +241,14 @@ impl Profiler {
     pub fn begin(&self, expected: Duration) -> Result<BusyGuard<'_>, ProfileError> {
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(until) = *busy {
-            let retry_after = until
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_secs(1));
+            // The running operation's remaining time, rounded up to whole seconds.
+            let left = until.saturating_duration_since(Instant::now());
+            let retry_after = Duration::from_secs(left.as_millis().div_ceil(1000).max(1) as u64);
             return Err(ProfileError::Busy {
                 retry_after,
                 message: format!(
                     "another heap profile is being taken; one runs at a time. Retry in {} s.",
-                    retry_after.as_secs().max(1)
+                    retry_after.as_secs()
                 ),
             });
         }
@@ -405,5 +406,26 @@ impl Profiler {
     /// Shared so route handlers can move it onto blocking threads.
     pub fn shared(self) -> Arc<Profiler> {
         Arc::new(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_the_remaining_time_rounded_up() {
+        let profiler = Profiler::new(
+            ProfilingConfig::default(),
+            crate::collectors::ExporterMetrics::new().prof_dumps,
+        );
+        let _running = profiler.begin(Duration::from_millis(2500)).unwrap();
+        match profiler.begin(Duration::from_secs(1)) {
+            Err(ProfileError::Busy { retry_after, .. }) => {
+                assert_eq!(retry_after, Duration::from_secs(3))
+            }
+            Err(other) => panic!("expected Busy, got {other:?}"),
+            Ok(_) => panic!("a second operation was let in"),
+        };
     }
 }
