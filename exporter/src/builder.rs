@@ -33,6 +33,8 @@ pub struct ExporterBuilder {
     metrics_token: Option<String>,
     /// Whether `start` binds a listener of its own (`without_server` turns it off).
     own_server: bool,
+    /// Whether each refresh also sets the metrics through the `metrics` facade.
+    facade: bool,
 }
 
 impl Default for ExporterBuilder {
@@ -47,6 +49,7 @@ impl Default for ExporterBuilder {
             debug_token: None,
             metrics_token: None,
             own_server: true,
+            facade: false,
         }
     }
 }
@@ -138,6 +141,16 @@ impl ExporterBuilder {
         self
     }
 
+    /// Also sets every gauge and counter (same names and labels as on `/metrics`, `process_*`
+    /// aside) through the installed `metrics` recorder on each refresh, so a service that
+    /// serves metrics with `metrics-exporter-prometheus` gets them on its own endpoint.
+    /// Install the recorder before `start`.
+    #[cfg(feature = "metrics")]
+    pub fn publish_to_metrics_facade(mut self, enabled: bool) -> Self {
+        self.facade = enabled;
+        self
+    }
+
     /// Binds the listener (unless [`without_server`](Self::without_server)), takes a first
     /// reading, and starts the refresh task and the server: on the current tokio runtime if
     /// there is one, else on a thread of its own. They run until [`ExporterHandle::shutdown`];
@@ -158,9 +171,6 @@ impl ExporterBuilder {
         let health = ExporterMetrics::new();
         let registry = prometheus::Registry::new();
         register_all(&registry, &cache, &health).map_err(Error::Register)?;
-        if let Err(e) = health.refresh(&cache) {
-            tracing::warn!("memory exporter: first refresh failed: {e}");
-        }
         let mut registries = vec![registry.clone()];
         registries.extend(self.registries);
         let profiler = self.debug_routes.then(|| {
@@ -178,17 +188,22 @@ impl ExporterBuilder {
             metrics_token: self.metrics_token,
         }));
 
+        let refresher = Refresher {
+            cache,
+            health,
+            profiler,
+            #[cfg(feature = "metrics")]
+            facade: self.facade.then(|| registry.clone()),
+        };
+        if let Err(e) = refresher.once() {
+            tracing::warn!("memory exporter: first refresh failed: {e}");
+        }
+
         let (stop, mut stopped) = watch::channel(false);
         let interval = self.refresh_interval;
         let server = service.clone();
         let run = async move {
-            let refresh = tokio::spawn(refresh_loop(
-                cache,
-                health,
-                profiler,
-                interval,
-                stopped.clone(),
-            ));
+            let refresh = tokio::spawn(refresher.every(interval, stopped.clone()));
             match listener.map(|(listener, _)| tokio::net::TcpListener::from_std(listener)) {
                 Some(Ok(listener)) => server::serve(listener, server, stopped).await,
                 Some(Err(e)) => tracing::error!("memory exporter: cannot serve: {e}"),
@@ -237,36 +252,53 @@ fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), Error> 
     Ok((listener, local_addr))
 }
 
-async fn refresh_loop(
+/// What every refresh does, off the async workers: read jemalloc (advancing its epoch takes
+/// arena locks), check the automatic dump triggers, publish through the `metrics` facade.
+#[derive(Clone)]
+struct Refresher {
     cache: StatsCache,
     health: ExporterMetrics,
     profiler: Option<Arc<Profiler>>,
-    interval: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await; // the first tick is immediate; `start` already refreshed
-    loop {
-        tokio::select! {
-            _ = stopped.changed() => return,
-            _ = ticks.tick() => {}
+    /// The registry to publish through the `metrics` facade, when asked to.
+    #[cfg(feature = "metrics")]
+    facade: Option<prometheus::Registry>,
+}
+
+impl Refresher {
+    /// One refresh, charged to the `exporter` scope.
+    fn once(&self) -> Result<(), crate::stats::ReadError> {
+        let _g = Scope::named("exporter").enter();
+        let result = self.health.refresh(&self.cache);
+        if let Some(Some(Err(e))) = self
+            .profiler
+            .as_ref()
+            .map(|p| p.check_auto(&self.cache.get()))
+        {
+            tracing::warn!("memory exporter: automatic heap dump failed: {e}");
         }
-        let (cache, health, profiler) = (cache.clone(), health.clone(), profiler.clone());
-        // Advancing the epoch takes jemalloc's arena locks: keep it off the async workers.
-        let refreshed = tokio::task::spawn_blocking(move || {
-            let _g = Scope::named("exporter").enter();
-            let result = health.refresh(&cache);
-            if let Some(Some(Err(e))) = profiler.map(|p| p.check_auto(&cache.get())) {
-                tracing::warn!("memory exporter: automatic heap dump failed: {e}");
+        #[cfg(feature = "metrics")]
+        if let Some(registry) = &self.facade {
+            crate::facade::publish(registry);
+        }
+        result
+    }
+
+    /// Refreshes every `interval` until `stopped` changes.
+    async fn every(self, interval: Duration, mut stopped: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is immediate; `start` already refreshed
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = ticks.tick() => {}
             }
-            result
-        })
-        .await;
-        match refreshed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("memory exporter: refresh failed: {e}"),
-            Err(e) => tracing::warn!("memory exporter: refresh task failed: {e}"),
+            let refresher = self.clone();
+            match tokio::task::spawn_blocking(move || refresher.once()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("memory exporter: refresh failed: {e}"),
+                Err(e) => tracing::warn!("memory exporter: refresh task failed: {e}"),
+            }
         }
     }
 }

@@ -31,6 +31,8 @@ mod builder;
 pub mod collectors;
 mod debug;
 mod error;
+#[cfg(feature = "metrics")]
+mod facade;
 pub mod params;
 pub mod profiling;
 mod release;
