@@ -84,12 +84,14 @@ step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets --all-features -- -D warnings
 step "cargo doc -D warnings" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 step "cargo test (unit, integration, end-to-end)" cargo test --workspace --all-features
-# Without the `jemalloc` feature the tracker appends its tag to every request (any allocator).
+# Without the `jemalloc` feature the tracker appends its tag to every request (any allocator);
+# the exporter's optional integrations (axum, metrics) must not be needed to build it.
 no_default_features() {
     cargo clippy -p tracking-alloc --no-default-features --all-targets -- -D warnings &&
-        cargo test -p tracking-alloc --no-default-features
+        cargo test -p tracking-alloc --no-default-features &&
+        cargo clippy -p exporter --all-targets -- -D warnings
 }
-step "tracking-alloc without default features (clippy, tests)" no_default_features
+step "tracking-alloc without default features, exporter without optional ones" no_default_features
 # The crates accept tikv-jemallocator >=0.6.1, <0.8 (one jemalloc per program): besides the
 # workspace's 0.7, test them against 0.6 in a scratch copy whose lock file is moved there.
 jemalloc_0_6() {

@@ -34,6 +34,7 @@ pub struct ExporterBuilder {
     /// Whether `start` binds a listener of its own (`without_server` turns it off).
     own_server: bool,
     /// Whether each refresh also sets the metrics through the `metrics` facade.
+    #[cfg(feature = "metrics")]
     facade: bool,
 }
 
@@ -49,6 +50,7 @@ impl Default for ExporterBuilder {
             debug_token: None,
             metrics_token: None,
             own_server: true,
+            #[cfg(feature = "metrics")]
             facade: false,
         }
     }
