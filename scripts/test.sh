@@ -111,6 +111,7 @@ jemalloc_0_6() {
 step "tracking-alloc and exporter on tikv-jemallocator 0.6" jemalloc_0_6
 step "valgrind memcheck on the allocator stress tests" memcheck
 step "promtool and docker-compose config checks" config_checks
+step "README snippets compile in a fresh edition-2024 crate" python3 scripts/readme_snippets.py
 bench_smoke() {
     cargo bench -p alloc-bench --benches -- --test &&
         cargo build --release -p alloc-bench --bins &&

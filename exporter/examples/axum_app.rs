@@ -20,7 +20,7 @@ static GLOBAL: SampledAlloc<tikv_jemallocator::Jemalloc> =
     SampledAlloc::new(tikv_jemallocator::Jemalloc);
 
 /// Heap profiles work with no environment variable (see the README, *Heap profiles*).
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 pub static MALLOC_CONF: &[u8; 45] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
 
 /// Orders seen so far: the app's state, charged to the `orders` scope.

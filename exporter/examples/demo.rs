@@ -145,7 +145,7 @@ mod either_mode {
 /// jemalloc's default options, embedded so heap profiles work with no environment variable:
 /// sampling on, one sample per 512 KiB allocated on average. `_RJEM_MALLOC_CONF` overrides it
 /// (`_RJEM_MALLOC_CONF=prof:false` turns profiling off).
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 pub static MALLOC_CONF: &[u8; 45] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
 
 const USAGE: &str = "\

@@ -15,7 +15,7 @@ static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =
     tracking_alloc::TrackingAlloc::new(tikv_jemallocator::Jemalloc);
 
 /// Profiling on from start-up, so the debug routes work in this test binary.
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 pub static MALLOC_CONF: &[u8; 45] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
 
 /// Tests that change jemalloc's process-wide profiling state run one at a time.

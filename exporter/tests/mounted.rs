@@ -14,7 +14,7 @@ static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =
     tracking_alloc::TrackingAlloc::new(tikv_jemallocator::Jemalloc);
 
 /// Profiling on, so the profile routes answer (and one runs at a time).
-#[export_name = "_rjem_malloc_conf"]
+#[unsafe(export_name = "_rjem_malloc_conf")]
 pub static MALLOC_CONF: &[u8; 45] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
 
 const TOKEN: &str = "s3cret";

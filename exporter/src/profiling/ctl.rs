@@ -37,6 +37,14 @@ pub fn availability() -> Availability {
     }
 }
 
+/// What to do when the process started without `prof:true`; its snippet compiles as written.
+const NOT_ENABLED: &str = "heap profiling was not enabled when the process started. Start it with \
+             _RJEM_MALLOC_CONF=prof:true (tikv-jemallocator's default, prefixed build; a build with \
+             the unprefixed_malloc_on_supported_platforms feature reads MALLOC_CONF instead), or \
+             embed the default in the binary: #[unsafe(export_name = \"_rjem_malloc_conf\")] \
+             pub static MALLOC_CONF: &[u8; 45] = b\"prof:true,prof_active:true,lg_prof_sample:19\\0\"; \
+             (see the README, section Heap profiles). prof:true cannot be switched on at run time.";
+
 /// The error for every profiling route when profiles cannot be taken, naming the fix.
 pub fn require_enabled() -> Result<bool, ProfileError> {
     match availability() {
@@ -47,15 +55,7 @@ pub fn require_enabled() -> Result<bool, ProfileError> {
              rebuild."
                 .into(),
         )),
-        Availability::NotEnabled => Err(ProfileError::NotAvailable(
-            "heap profiling was not enabled when the process started. Start it with \
-             _RJEM_MALLOC_CONF=prof:true (tikv-jemallocator's default, prefixed build; a build with \
-             the unprefixed_malloc_on_supported_platforms feature reads MALLOC_CONF instead), or \
-             embed the default in the binary: #[export_name = \"_rjem_malloc_conf\"] static \
-             MALLOC_CONF: &[u8; 39] = b\"prof:true,prof_active:true,lg_prof_sample:19\\0\"; \
-             (see the README, section Heap profiles). prof:true cannot be switched on at run time."
-                .into(),
-        )),
+        Availability::NotEnabled => Err(ProfileError::NotAvailable(NOT_ENABLED.into())),
     }
 }
 
@@ -153,6 +153,31 @@ pub fn purge() {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The hint's `&[u8; N]` matches its byte-string literal (a mismatch does not compile).
+    #[test]
+    fn the_not_enabled_hint_declares_the_right_length() {
+        let declared: usize = NOT_ENABLED
+            .split("&[u8; ")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .and_then(|n| n.parse().ok())
+            .expect("the hint declares an array length");
+        let literal = NOT_ENABLED
+            .split("b\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("the hint has a byte-string literal");
+        // `\0` in the literal is one byte.
+        let bytes = literal.replace("\\0", "\0").len();
+        assert_eq!(declared, bytes, "{NOT_ENABLED}");
+        assert!(
+            NOT_ENABLED.contains("#[unsafe(export_name"),
+            "edition 2024 form"
+        );
+    }
+
     #[test]
     fn purge_returns_dirty_pages() {
         let dirty = || crate::stats::JemallocStats::read().unwrap().dirty;
