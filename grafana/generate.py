@@ -117,11 +117,17 @@ OVERVIEW = [
           "lower dirty_decay_ms or enable background_thread.", "bytes",
           [q(f"jemalloc_dirty_bytes{{{SEL}}}", "dirty {{instance}}"),
            q(f"jemalloc_muzzy_bytes{{{SEL}}}", "muzzy {{instance}}")], w=8),
-    panel("timeseries", "Unattributed and tracking overhead",
-          "Allocated bytes that no scope holds (size-class rounding, C code, bookkeeping), and the "
-          "tracking allocator's own overhead. If unattributed grows, add scopes or diff heap profiles.",
-          "bytes", [q(f"memory_unattributed_bytes{{{SEL}}}", "unattributed {{instance}}"),
-                    q(f"memory_tracking_overhead_bytes{{{SEL}}}", "tracking overhead {{instance}}")], w=8),
+    panel("timeseries", "Allocated, by who holds it",
+          "jemalloc's allocated bytes split into parts, stacked (one reading per scrape, so they add "
+          "up to allocated): what the scopes hold, free blocks sitting in thread caches (jemalloc "
+          "counts them as allocated), the tracking allocator's own overhead, and unattributed: held "
+          "by someone no scope names (C libraries, allocations before the tracker, size-class "
+          "rounding). If unattributed grows, add scopes or diff heap profiles.",
+          "bytes", [q(f"sum by (instance) (memory_scope_live_bytes{{{SEL}}})", "scopes {{instance}}"),
+                    q(f"jemalloc_tcache_bytes{{{SEL}}}", "thread caches {{instance}}"),
+                    q(f"memory_tracking_overhead_bytes{{{SEL}}}", "tracking overhead {{instance}}"),
+                    q(f"memory_unattributed_bytes{{{SEL}}}", "unattributed {{instance}}")],
+          w=8, stacked=True),
     panel("stat", "Growth over 1 h",
           "Change of jemalloc allocated bytes over the last hour (extrapolated from the samples in "
           "range). Positive and steady for hours is a leak; see MemorySlowGrowth.", "bytes",

@@ -183,6 +183,7 @@ impl ExporterBuilder {
         });
         let service = ExporterService::new(Arc::new(ServerState {
             registries,
+            cache: cache.clone(),
             health: health.clone(),
             limits: self.limits,
             profiler: profiler.clone(),

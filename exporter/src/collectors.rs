@@ -6,8 +6,8 @@
 //! you. Families are built directly (no per-scrape label hashing), so a scrape of 1,000 scopes
 //! stays cheap.
 
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
@@ -90,20 +90,39 @@ impl Family {
     }
 }
 
-/// What the refresh task stores and scrapes read.
+/// One reading: jemalloc's statistics and every scope's counters, taken together (the epoch
+/// advanced, then the scopes read, ~15 µs apart), so figures of one scrape compare like with like.
 #[derive(Debug, Clone, Default)]
 pub struct Refreshed {
     pub stats: JemallocStats,
-    /// Sum of live bytes over all scopes, taken right after `stats`.
+    /// Every scope's counters, read right after `stats`.
+    pub scopes: Vec<tracking_alloc::ScopeStats>,
+    /// Sum of live bytes over all scopes, of `scopes`.
     pub scoped_live_bytes: u64,
     /// Bytes the tracking allocator holds for itself (per-thread slots, side table).
     pub tracking_overhead_bytes: u64,
 }
 
+impl Refreshed {
+    /// jemalloc's allocated bytes that no part can be named for: allocated minus what the
+    /// scopes hold, what sits free in thread caches and the tracker's own overhead (clamped at
+    /// 0): C libraries, allocations before the tracker, size-class rounding.
+    pub fn unattributed_bytes(&self) -> u64 {
+        self.stats
+            .allocated
+            .saturating_sub(self.scoped_live_bytes)
+            .saturating_sub(self.stats.tcache)
+            .saturating_sub(self.tracking_overhead_bytes)
+    }
+}
+
+/// How old a reading a scrape accepts: concurrent scrapes within this share one epoch advance.
+pub const SCRAPE_MAX_AGE: Duration = Duration::from_millis(100);
+
 /// A gauge family and how to read its value from a refresh.
 type JemallocGauge = (Family, fn(&Refreshed) -> f64);
 
-const JEMALLOC_GAUGES: [JemallocGauge; 15] = [
+const JEMALLOC_GAUGES: [JemallocGauge; 16] = [
     (Family::gauge("jemalloc_allocated_bytes", "Bytes in live allocations, as jemalloc rounds them to size classes (stats.allocated)."), |r| r.stats.allocated as f64),
     (Family::gauge("jemalloc_active_bytes", "Bytes in active pages, allocated plus free space inside them; a multiple of the page size (stats.active)."), |r| r.stats.active as f64),
     (Family::gauge("jemalloc_metadata_bytes", "Bytes of jemalloc's own metadata (stats.metadata)."), |r| r.stats.metadata as f64),
@@ -111,13 +130,14 @@ const JEMALLOC_GAUGES: [JemallocGauge; 15] = [
     (Family::gauge("jemalloc_mapped_bytes", "Bytes in active extents mapped by jemalloc (stats.mapped)."), |r| r.stats.mapped as f64),
     (Family::gauge("jemalloc_retained_bytes", "Bytes of virtual memory jemalloc keeps mapped after returning the pages to the OS; not resident (stats.retained)."), |r| r.stats.retained as f64),
     (Family::gauge("jemalloc_dirty_bytes", "Bytes in dirty pages: freed but still resident until jemalloc purges them (dirty_decay_ms)."), |r| r.stats.dirty as f64),
+    (Family::gauge("jemalloc_tcache_bytes", "Bytes of free blocks held in thread caches, which jemalloc counts as allocated (stats.arenas.<all>.tcache_bytes): allocated but held by no one."), |r| r.stats.tcache as f64),
     (Family::gauge("jemalloc_muzzy_bytes", "Bytes in muzzy pages: freed and lazily returned with MADV_FREE (muzzy_decay_ms)."), |r| r.stats.muzzy as f64),
     (Family::gauge("jemalloc_arenas", "Number of jemalloc arenas (arenas.narenas)."), |r| r.stats.arenas as f64),
     (Family::gauge("jemalloc_background_threads", "jemalloc background purging threads running; 0 when background_thread is off."), |r| r.stats.background_threads as f64),
     (Family::gauge("jemalloc_profiling_enabled", "1 if heap profiling was enabled at start-up (prof:true in malloc_conf), else 0."), |r| f64::from(u8::from(r.stats.profiling_enabled))),
     (Family::gauge("jemalloc_profiling_active", "1 if heap profiling is sampling allocations right now (prof.active), else 0."), |r| f64::from(u8::from(r.stats.profiling_active))),
     (Family::gauge("jemalloc_profiling_sample_interval_bytes", "Average bytes allocated between heap profile samples (2^lg_prof_sample); 0 when profiling is not compiled in."), |r| if r.stats.profiling_compiled { (1u64 << r.stats.lg_prof_sample) as f64 } else { 0.0 }),
-    (Family::gauge("memory_unattributed_bytes", "jemalloc allocated bytes not held by any scope: allocated minus the sum of memory_scope_live_bytes. Includes size-class rounding (scopes count requested sizes), allocations by C code and the tracking allocator's own overhead (memory_tracking_overhead_bytes); clamped at 0."), |r| r.stats.allocated.saturating_sub(r.scoped_live_bytes) as f64),
+    (Family::gauge("memory_unattributed_bytes", "jemalloc allocated bytes held by someone no scope names: allocated minus the sum of memory_scope_live_bytes, jemalloc_tcache_bytes and memory_tracking_overhead_bytes, from one reading; clamped at 0. C libraries, allocations before the tracker, size-class rounding (scopes count requested sizes)."), |r| r.unattributed_bytes() as f64),
     (Family::gauge("memory_tracking_overhead_bytes", "Bytes the tracking allocator holds for its bookkeeping: per-thread counter slots (32 KiB per live thread) and the out-of-line tag table (2 bytes per exact-size-class block)."), |r| r.tracking_overhead_bytes as f64),
 ];
 
@@ -128,31 +148,90 @@ const JEMALLOC_INFO: Family = Family {
     labels: &["version", "malloc_conf"],
 };
 
-/// The last refreshed values, shared between the refresh task and the collectors.
+/// The last reading, shared by the refresh task and the collectors.
 #[derive(Clone, Default)]
-pub struct StatsCache(Arc<RwLock<Refreshed>>);
+pub struct StatsCache(Arc<CacheState>);
+
+#[derive(Default)]
+struct CacheState {
+    reading: RwLock<Refreshed>,
+    /// When `reading` was taken; held while a new one is taken, so concurrent callers of
+    /// `fresh` share one epoch advance.
+    taken: Mutex<Option<Instant>>,
+}
 
 impl StatsCache {
+    /// The last reading, however old.
     pub fn get(&self) -> Refreshed {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .reading
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// Advances jemalloc's epoch and stores a fresh reading (with the scope total taken at the
-    /// same moment, so `memory_unattributed_bytes` compares like with like).
+    /// Takes a new reading now: advances jemalloc's epoch, then reads the scope counters. It
+    /// does not count as a scrape's reading for [`fresh`](Self::fresh): a scrape right after a
+    /// background refresh still takes its own.
     pub fn refresh(&self) -> Result<(), ReadError> {
+        let mut not_for_scrapes = None;
+        self.take(&mut not_for_scrapes).map(|_| ())
+    }
+
+    /// The last reading taken through `fresh` if it is younger than `max_age`, else a new one
+    /// (what a scrape uses: [`SCRAPE_MAX_AGE`]). Callers at the same moment share one reading.
+    pub fn fresh(&self, max_age: Duration) -> Result<Refreshed, ReadError> {
+        let mut taken = self.0.taken.lock().unwrap_or_else(|e| e.into_inner());
+        match *taken {
+            Some(at) if at.elapsed() < max_age => Ok(self.get()),
+            _ => self.take(&mut taken),
+        }
+    }
+
+    fn take(&self, taken: &mut Option<Instant>) -> Result<Refreshed, ReadError> {
         let stats = JemallocStats::read()?;
-        let scoped_live_bytes = tracking_alloc::snapshot()
-            .iter()
-            .map(|s| s.live_bytes)
-            .sum();
-        let refreshed = Refreshed {
+        let scopes = tracking_alloc::snapshot();
+        let reading = Refreshed {
             stats,
-            scoped_live_bytes,
+            scoped_live_bytes: scopes.iter().map(|s| s.live_bytes).sum(),
+            scopes,
             tracking_overhead_bytes: tracking_alloc::overhead_bytes(),
         };
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = refreshed;
-        Ok(())
+        *self.0.reading.write().unwrap_or_else(|e| e.into_inner()) = reading.clone();
+        *taken = Some(Instant::now());
+        Ok(reading)
     }
+
+    /// What a scrape reports: the reading pinned for this gather ([`one_reading`]), else one at
+    /// most [`SCRAPE_MAX_AGE`] old, else the last one if jemalloc cannot be read (the refresh
+    /// task counts and logs that).
+    fn for_scrape(&self) -> Refreshed {
+        let pinned = PINNED.with(|p| match &*p.borrow() {
+            Some((cache, reading)) if *cache == self.id() => Some(reading.clone()),
+            _ => None,
+        });
+        pinned.unwrap_or_else(|| self.fresh(SCRAPE_MAX_AGE).unwrap_or_else(|_| self.get()))
+    }
+
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+}
+
+thread_local! {
+    /// The reading every collector of one cache reports during a gather on this thread.
+    static PINNED: std::cell::RefCell<Option<(usize, Refreshed)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `gather` with every collector that shares `cache` reporting one and the same reading,
+/// so a scrape's jemalloc gauges, scope figures and `memory_unattributed_bytes` are one instant.
+pub(crate) fn one_reading<T>(cache: &StatsCache, gather: impl FnOnce() -> T) -> T {
+    let reading = cache.fresh(SCRAPE_MAX_AGE).unwrap_or_else(|_| cache.get());
+    PINNED.with(|p| *p.borrow_mut() = Some((cache.id(), reading)));
+    let result = gather();
+    PINNED.with(|p| *p.borrow_mut() = None);
+    result
 }
 
 /// jemalloc's statistics and configuration, from the cache the refresh task fills.
@@ -201,7 +280,7 @@ impl Collector for JemallocCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let refreshed = self.cache.get();
+        let refreshed = self.cache.for_scrape();
         let mut families: Vec<_> = JEMALLOC_GAUGES
             .iter()
             .map(|(family, value)| family.single(value(&refreshed)))
@@ -260,11 +339,26 @@ fn tracking_labels() -> [String; 3] {
 /// (exact or sampled mode) and `memory_tracking_warning`.
 pub struct ScopeCollector {
     descs: Vec<Desc>,
+    /// Where to read the scopes from, so a scrape's scope figures and jemalloc gauges are one
+    /// reading; `None`: read the counters live.
+    cache: Option<StatsCache>,
 }
 
 impl ScopeCollector {
+    /// Reads the scope counters live at each scrape.
     pub fn new() -> ScopeCollector {
+        ScopeCollector::reading(None)
+    }
+
+    /// Reads the scopes from the reading `cache` shares with a [`JemallocCollector`], so both
+    /// report the same instant (what [`register_all`] sets up).
+    pub fn with_cache(cache: StatsCache) -> ScopeCollector {
+        ScopeCollector::reading(Some(cache))
+    }
+
+    fn reading(cache: Option<StatsCache>) -> ScopeCollector {
         ScopeCollector {
+            cache,
             descs: SCOPE_FAMILIES
                 .iter()
                 .map(|(f, _)| f.desc())
@@ -286,7 +380,10 @@ impl Collector for ScopeCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let scopes = tracking_alloc::snapshot();
+        let scopes = match &self.cache {
+            Some(cache) => cache.for_scrape().scopes,
+            None => tracking_alloc::snapshot(),
+        };
         let mut families: Vec<_> = SCOPE_FAMILIES
             .iter()
             .map(|(family, value)| {
@@ -411,7 +508,7 @@ pub fn register_all(
     health: &ExporterMetrics,
 ) -> prometheus::Result<()> {
     registry.register(Box::new(JemallocCollector::with_cache(cache.clone())))?;
-    registry.register(Box::new(ScopeCollector::new()))?;
+    registry.register(Box::new(ScopeCollector::with_cache(cache.clone())))?;
     registry.register(Box::new(process_collector()))?;
     health.register(registry)
 }

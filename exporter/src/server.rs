@@ -56,6 +56,8 @@ impl Default for Limits {
 /// What request handlers share.
 pub(crate) struct ServerState {
     pub registries: Vec<prometheus::Registry>,
+    /// The reading the exporter's collectors share; one per scrape.
+    pub cache: crate::collectors::StatsCache,
     pub health: ExporterMetrics,
     pub limits: Limits,
     /// Present when debug routes are enabled.
@@ -284,7 +286,9 @@ fn index(debug: bool) -> Response<Body> {
 }
 
 fn metrics(state: &ServerState) -> Response<Body> {
-    let families: Vec<_> = state.registries.iter().flat_map(|r| r.gather()).collect();
+    let families: Vec<_> = crate::collectors::one_reading(&state.cache, || {
+        state.registries.iter().flat_map(|r| r.gather()).collect()
+    });
     let encoder = TextEncoder::new();
     let mut buffer = Vec::with_capacity(64 * 1024);
     if let Err(e) = encoder.encode(&families, &mut buffer) {

@@ -153,6 +153,7 @@ fn the_axum_example_serves_both_on_one_port() {
     for id in 0..50 {
         assert_eq!(get(addr, &format!("/orders/{id}")).status, 200);
     }
+    std::thread::sleep(std::time::Duration::from_millis(150)); // past a scrape's reading reuse
     let metrics = get(addr, "/metrics").text();
     let _ = child.kill();
     let _ = child.wait();

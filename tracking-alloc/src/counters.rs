@@ -191,18 +191,21 @@ impl Ledger {
     }
 
     /// The thread's own slot, if it has one (the sampled mode keeps its thread cache there).
+    #[cfg_attr(not(sampled_mode), allow(dead_code))]
     #[inline]
     pub(crate) fn slot(&self) -> Option<&'static Slot> {
         self.slot
     }
 
     /// Counts a sampled allocation by its weights (the bytes and blocks it stands for).
+    #[cfg_attr(not(sampled_mode), allow(dead_code))]
     #[inline(always)]
     pub(crate) fn allocated_weighted(&self, owner: u16, bytes: u64, blocks: u64) {
         self.count(Event::Allocated, owner, bytes, blocks);
     }
 
     /// Counts the free of a sampled block by the weights it was allocated with.
+    #[cfg_attr(not(sampled_mode), allow(dead_code))]
     #[inline(always)]
     pub(crate) fn deallocated_weighted(&self, owner: u16, bytes: u64, blocks: u64) {
         self.count(Event::Deallocated, owner, bytes, blocks);
