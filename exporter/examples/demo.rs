@@ -13,7 +13,7 @@
 //! - `lru` — a bounded cache attributed through a `tracing` span (`#[instrument]`), that fills
 //!   and is cleared: a sawtooth that must not be mistaken for a leak.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, LinkedList};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -154,7 +154,7 @@ usage: demo [OPTIONS]
   --listen ADDR           serve metrics on ADDR (default 127.0.0.1:9464)
   --tracking MODE         sampled (default: per-scope estimates, 0.97-0.99x CPU on a real
                           program) or exact (every block counted, 1.09-1.14x); README: Costs
-  --leak-rate BYTES       bytes per second the `cache` scope leaks (default 32768, ~112 MiB/h)
+  --leak-rate BYTES       bytes per second the `cache` scope leaks (default 32768: 112.5 MiB/h)
   --requests-per-sec N    simulated requests per second (default 200)
   --batch-every SECS      seconds between batch jobs (default 30)
   --batch-bytes BYTES     memory one batch job holds at its peak (default 67108864)
@@ -324,6 +324,11 @@ fn main() {
     if options.debug_routes {
         println!("heap profile: go tool pprof http://{addr}/debug/pprof/heap");
     }
+    println!(
+        "the cache scope leaks {} B/s ({:.1} MiB/h)",
+        options.leak_rate,
+        options.leak_rate as f64 * 3600.0 / f64::from(1 << 20)
+    );
     println!("press Ctrl-C to stop");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -379,10 +384,25 @@ async fn wait_for_stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Bytes of state one session holds.
+const SESSION_STATE: usize = 2048;
+
+/// What one leaked session costs, as the tracker counts it: its state, and its list node (two
+/// links and the `Session`). A list, not a map, so the cache grows by exactly this per session,
+/// with no table doublings to make the rate lumpy.
+const SESSION_BYTES: u64 = (SESSION_STATE + 2 * size_of::<usize>() + size_of::<Session>()) as u64;
+
+/// A session's id and state; the demo only holds them (hence `allow`): that is the leak.
+#[allow(dead_code)]
+struct Session {
+    id: u64,
+    state: Vec<u8>,
+}
+
 #[derive(Clone, Default)]
 struct Service {
-    /// Session id → session state. Entries are added and never removed: the leak.
-    sessions: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    /// Sessions, added and never removed: the leak.
+    sessions: Arc<Mutex<LinkedList<Session>>>,
     /// A bounded cache of rendered pages, cleared when full.
     lru: Arc<Mutex<HashMap<u64, String>>>,
 }
@@ -391,27 +411,32 @@ impl Service {
     /// Lets `POST /debug/memory/release?probe=cache|lru` measure what each cache holds.
     fn register_release_probes(&self) {
         let sessions = self.sessions.clone();
-        exporter::register_release("cache", move || *sessions.lock().unwrap() = HashMap::new())
+        exporter::register_release("cache", move || sessions.lock().unwrap().clear())
             .expect("a valid probe name");
         let lru = self.lru.clone();
         exporter::register_release("lru", move || *lru.lock().unwrap() = HashMap::new())
             .expect("a valid probe name");
     }
 
-    /// Adds session state at `rate` bytes per second, forever.
+    /// Adds session state at `rate` bytes per second, forever: as many whole sessions as keep
+    /// the total since start at `rate × elapsed` (the remainder carries over, so the long-run
+    /// rate is exactly `rate`, as the tracker counts bytes).
     async fn leak_sessions(self, rate: u64) {
         let cache = Scope::named("cache");
         let mut ticks = tokio::time::interval(Duration::from_millis(100));
-        let mut next_id = 0u64;
+        let started = tokio::time::Instant::now();
+        let (mut added, mut next_id) = (0u64, 0u64);
         loop {
             ticks.tick().await;
+            let due = (rate as f64 * started.elapsed().as_secs_f64()) as u64;
             let _g = cache.enter();
             let mut sessions = self.sessions.lock().unwrap();
-            let mut added = 0;
-            while added < rate / 10 {
-                let state = vec![(next_id % 251) as u8; 2048];
-                added += state.len() as u64 + 32;
-                sessions.insert(format!("session-{next_id:012}"), state);
+            while added + SESSION_BYTES <= due {
+                sessions.push_back(Session {
+                    id: next_id,
+                    state: vec![(next_id % 251) as u8; SESSION_STATE],
+                });
+                added += SESSION_BYTES;
                 next_id += 1;
             }
         }

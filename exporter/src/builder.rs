@@ -108,8 +108,10 @@ impl ExporterBuilder {
         self
     }
 
-    /// Directory of stored heap dumps (default `$TMPDIR/memory-exporter-dumps`, created if it
-    /// is the default; a directory you name must exist).
+    /// Directory of stored heap dumps (a directory you name must exist). The default is this
+    /// program's own, created at start: `$TMPDIR/memory-exporter-dumps/<executable>-<build
+    /// id>-<port>`, so programs on one host never share a ring and a restart of the same binary
+    /// on the same port finds its dumps again.
     pub fn dump_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.profiling.dump_dir = dir.into();
         self
@@ -175,12 +177,18 @@ impl ExporterBuilder {
         register_all(&registry, &cache, &health).map_err(Error::Register)?;
         let mut registries = vec![registry.clone()];
         registries.extend(self.registries);
-        let profiler = self.debug_routes.then(|| {
-            if self.profiling.dump_dir == ProfilingConfig::default().dump_dir {
-                let _ = std::fs::create_dir_all(&self.profiling.dump_dir);
+        let mut profiling = self.profiling;
+        if profiling.dump_dir == crate::profiling::default_dump_root() {
+            // A ring of this program's own, created: see `program_dump_dir`.
+            let port = listener.as_ref().map(|(_, addr)| addr.port());
+            profiling.dump_dir = crate::profiling::program_dump_dir(&profiling.dump_dir, port);
+            if self.debug_routes {
+                let _ = std::fs::create_dir_all(&profiling.dump_dir);
             }
-            Profiler::new(self.profiling, health.prof_dumps.clone()).shared()
-        });
+        }
+        let profiler = self
+            .debug_routes
+            .then(|| Profiler::new(profiling, health.prof_dumps.clone()).shared());
         let service = ExporterService::new(Arc::new(ServerState {
             registries,
             cache: cache.clone(),

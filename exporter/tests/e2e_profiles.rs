@@ -437,8 +437,16 @@ fn automatic_dumps_fire_on_growth_and_the_ring_evicts() {
     let listed = listed.as_array().unwrap();
     assert!(listed.len() <= 2, "the ring keeps 2 of {taken}: {listed:?}");
     assert!(listed.iter().all(|d| d["trigger"] == "auto"));
-    let files = std::fs::read_dir(dumps.path()).unwrap().count();
-    assert!(files <= 2, "evicted files are removed: {files}");
+    let files: Vec<String> = std::fs::read_dir(dumps.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let count = |ext: &str| files.iter().filter(|f| f.ends_with(ext)).count();
+    assert!(count(".heap") <= 2, "evicted dumps are removed: {files:?}");
+    assert!(
+        count(".build") <= count(".heap"),
+        "and their build records: {files:?}"
+    );
 }
 
 #[test]

@@ -130,3 +130,49 @@ fn prometheus_scrapes_the_demo() {
         Duration::from_secs(30),
     );
 }
+
+/// The leak rate the demo prints is what its `cache` scope does, measured from the exporter's
+/// own counters over ~10 s (exact mode, so the figure is not an estimate).
+#[test]
+fn the_demo_leaks_at_the_rate_it_prints() {
+    let demo = Demo::start(&["--tracking", "exact", "--batch-every", "3600"], &[]);
+    let printed_line = || {
+        let lines = demo.output.lock().unwrap();
+        lines
+            .iter()
+            .find(|l| l.contains("cache scope leaks"))
+            .cloned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        match printed_line() {
+            Some(line) => break line,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            None => panic!("no leak rate printed: {:?}", demo.output.lock().unwrap()),
+        }
+    };
+    let printed: f64 = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable: {line}"));
+    let live = || {
+        let samples = support::parse_exposition(&get(demo.addr, "/metrics").text());
+        support::value_of(
+            &samples,
+            "memory_scope_live_bytes",
+            Some(("scope", "cache")),
+        )
+        .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let (first, start) = (live(), std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let rate = (live() - first) / start.elapsed().as_secs_f64();
+    assert!(
+        (rate / printed - 1.0).abs() < 0.10,
+        "the demo prints {printed} B/s and leaks {rate:.0} B/s"
+    );
+}

@@ -152,6 +152,7 @@ fn future_hops_worker_threads_in_its_scope() {
     assert_eq!(common::stats("cancelled").live_bytes, 0);
 }
 
+#[cfg(feature = "jemalloc")]
 #[test]
 fn the_fast_placement_is_in_use() {
     assert_eq!(
@@ -160,4 +161,17 @@ fn the_fast_placement_is_in_use() {
     );
     assert_eq!(tracking_alloc::sample_interval(), None, "exact mode");
     assert_eq!(tracking_alloc::tracking_warning(), None);
+}
+
+/// Without the `jemalloc` feature the tracker cannot use jemalloc's layout: it appends its
+/// tag, and says the inner allocator looked like jemalloc.
+#[cfg(not(feature = "jemalloc"))]
+#[test]
+fn without_the_feature_jemalloc_gets_the_appended_placement_and_a_warning() {
+    drop(vec![0u8; 10]);
+    assert_eq!(
+        tracking_alloc::placement(),
+        Some(tracking_alloc::Placement::Appended)
+    );
+    assert!(tracking_alloc::tracking_warning().is_some());
 }

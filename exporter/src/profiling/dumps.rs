@@ -2,8 +2,9 @@
 //! exporter generates.
 //!
 //! A dump is the file `heap-<id>.heap` where `<id>` is `<unix milliseconds>-<trigger>`, so the
-//! directory alone describes the ring and a restarted service finds its dumps again. Ids from
-//! requests are checked against that exact shape before they come near a path.
+//! directory alone describes the ring and a restarted service finds its dumps again; beside it,
+//! `heap-<id>.build` holds the build id of the binary that took it. Ids from requests are
+//! checked against that exact shape before they come near a path.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,6 +49,8 @@ pub struct DumpInfo {
     pub trigger: Trigger,
     /// File size in bytes.
     pub size: u64,
+    /// GNU build id of the binary that took it, if it had one.
+    pub build_id: Option<String>,
 }
 
 /// A validated dump id: `<digits>-<trigger>`, nothing else.
@@ -97,6 +100,17 @@ impl DumpStore {
         self.dir.join(format!("heap-{id}.heap"))
     }
 
+    fn build_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("heap-{id}.build"))
+    }
+
+    /// Records which build took dump `id` (nothing if the binary has no build id).
+    pub fn record_build(&self, id: &str, build_id: Option<&str>) {
+        if let Some(build_id) = build_id {
+            let _ = std::fs::write(self.build_path(id), build_id);
+        }
+    }
+
     /// A fresh id and the path to dump to. Ids are unique within the directory.
     pub fn next(&self, trigger: Trigger) -> (String, PathBuf) {
         let mut millis = SystemTime::now()
@@ -123,11 +137,16 @@ impl DumpStore {
                 let name = entry.file_name().into_string().ok()?;
                 let id = name.strip_prefix("heap-")?.strip_suffix(".heap")?;
                 let (time_unix_ms, trigger) = parse_id(id)?;
+                let build_id = std::fs::read_to_string(self.build_path(id))
+                    .ok()
+                    .map(|b| b.trim().to_owned())
+                    .filter(|b| !b.is_empty() && b.bytes().all(|c| c.is_ascii_hexdigit()));
                 Some(DumpInfo {
                     id: id.to_owned(),
                     time_unix_ms,
                     trigger,
                     size: entry.metadata().ok()?.len(),
+                    build_id,
                 })
             })
             .collect();
@@ -184,6 +203,7 @@ impl DumpStore {
             }
             total -= oldest.size;
             let _ = std::fs::remove_file(self.path(&oldest.id));
+            let _ = std::fs::remove_file(self.build_path(&oldest.id));
             removed.push(oldest.id);
         }
         removed

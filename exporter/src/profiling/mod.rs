@@ -51,6 +51,8 @@ pub enum ProfileError {
     BadRequest(String),
     /// 404: an unknown dump or probe.
     NotFound(String),
+    /// 409: the request conflicts with what is stored (a base dump from another build).
+    Conflict(String),
     /// 500: the dump directory is missing, unwritable or full.
     Storage(String),
     /// 500: anything else.
@@ -64,6 +66,7 @@ impl ProfileError {
             ProfileError::Busy { .. } => 409,
             ProfileError::BadRequest(_) => 400,
             ProfileError::NotFound(_) => 404,
+            ProfileError::Conflict(_) => 409,
             ProfileError::Storage(_) | ProfileError::Internal(_) => 500,
         }
     }
@@ -76,6 +79,7 @@ impl fmt::Display for ProfileError {
             ProfileError::NotAvailable(m)
             | ProfileError::BadRequest(m)
             | ProfileError::NotFound(m)
+            | ProfileError::Conflict(m)
             | ProfileError::Storage(m)
             | ProfileError::Internal(m) => f.write_str(m),
         }
@@ -139,7 +143,9 @@ pub struct Rendered {
 /// Where stored dumps go and how profiling routes behave.
 #[derive(Debug, Clone)]
 pub struct ProfilingConfig {
-    /// Directory of stored dumps (the ring). Must exist and be writable to store dumps.
+    /// Directory of stored dumps (the ring). Must exist and be writable to store dumps. The
+    /// default, [`default_dump_root`], is replaced at start by a directory of this program's
+    /// own under it ([`program_dump_dir`]).
     pub dump_dir: PathBuf,
     pub limits: DumpLimits,
     /// Upper bound of `?seconds=` (default 300).
@@ -151,12 +157,41 @@ pub struct ProfilingConfig {
 impl Default for ProfilingConfig {
     fn default() -> Self {
         ProfilingConfig {
-            dump_dir: std::env::temp_dir().join("memory-exporter-dumps"),
+            dump_dir: default_dump_root(),
             limits: DumpLimits::default(),
             max_seconds: 300,
             auto: None,
         }
     }
+}
+
+/// Where the default dump directories live: `$TMPDIR/memory-exporter-dumps`.
+pub fn default_dump_root() -> PathBuf {
+    std::env::temp_dir().join("memory-exporter-dumps")
+}
+
+/// This program's own ring under `root`: named after the executable, its build id and the
+/// port it serves on (`demo-3f2a9c1b7d04-9464`), so programs on one host never share a ring
+/// while a restart of the same binary on the same port finds its dumps again.
+pub fn program_dump_dir(root: &std::path::Path, port: Option<u16>) -> PathBuf {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "program".into());
+    let exe: String = exe
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let build = symbols::own_build_id()
+        .map_or("no-build-id".into(), |id| id[..id.len().min(12)].to_owned());
+    let port = port.map_or("mounted".into(), |p| p.to_string());
+    root.join(format!("{exe}-{build}-{port}"))
 }
 
 /// jemalloc's profiling state and the stored dumps, as `GET /debug/pprof/status` reports them.
@@ -284,6 +319,23 @@ impl Profiler {
         HeapProfile::parse(&text).map_err(|e| ProfileError::Internal(e.to_string()))
     }
 
+    /// The stored dump `id`, parsed, to diff against: refused (409) if another build of the
+    /// program took it, whose addresses mean other code.
+    pub fn base(&self, id: &str) -> Result<(DumpInfo, HeapProfile), ProfileError> {
+        let (info, profile) = self.stored(id)?;
+        let own = symbols::own_build_id();
+        if info.build_id.is_some() && info.build_id != own {
+            return Err(ProfileError::Conflict(format!(
+                "dump {id} was taken by another build of the program (build id {}; this binary is \
+                 {}): its call stacks are addresses in other code, so a diff would be meaningless. \
+                 Store a new base with POST /debug/pprof/dumps.",
+                info.build_id.as_deref().unwrap_or("unknown"),
+                own.as_deref().unwrap_or("without a build id")
+            )));
+        }
+        Ok((info, profile))
+    }
+
     /// The stored dump `id`, parsed.
     pub fn stored(&self, id: &str) -> Result<(DumpInfo, HeapProfile), ProfileError> {
         let (info, text) = self.store.read(id)?;
@@ -320,6 +372,8 @@ impl Profiler {
             // `dump_to` checks the directory first and names the cause if it is unusable.
             let (id, path) = self.store.next(trigger);
             ctl::dump_to(&path)?;
+            self.store
+                .record_build(&id, symbols::own_build_id().as_deref());
             let evicted = self.store.evict();
             if !evicted.is_empty() {
                 tracing::info!("memory exporter: evicted heap dumps {evicted:?}");

@@ -74,7 +74,7 @@ pub async fn heap(profiler: Arc<Profiler>, request: HeapRequest) -> Result<Rende
                 let now = p.dump_now()?;
                 match base {
                     Some(id) => {
-                        let (info, base) = p.stored(&id)?;
+                        let (info, base) = p.base(&id)?;
                         let what = format!("heap-since-{}", info.id);
                         Ok(p.render(&now.growth_since(&base), format, &what))
                     }

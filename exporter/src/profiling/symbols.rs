@@ -137,6 +137,15 @@ pub fn mappings(maps: &str) -> Vec<Mapping> {
         .collect()
 }
 
+/// The GNU build id of the running executable, hex-encoded (`None` if it has none).
+pub fn own_build_id() -> Option<String> {
+    static OWN: LazyLock<Option<String>> = LazyLock::new(|| {
+        let exe = std::env::current_exe().ok()?;
+        build_id(exe.to_str()?)
+    });
+    OWN.clone()
+}
+
 /// The GNU build id of an ELF file, hex-encoded; cached per path.
 fn build_id(path: &str) -> Option<String> {
     static CACHE: LazyLock<Mutex<HashMap<String, Option<String>>>> =
