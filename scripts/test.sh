@@ -48,15 +48,19 @@ install_tools() {
 }
 
 test_executables() {
-    # The test binaries of tracking-alloc's stress tests, as cargo built them.
-    cargo test -p tracking-alloc --all-features --test system --test jemalloc --no-run \
-        --message-format=json 2>/dev/null |
-        grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/'
+    # The test binaries of tracking-alloc's stress tests, as cargo built them; fails (and so
+    # fails the step) when they do not build.
+    local json
+    json=$(cargo test -p tracking-alloc --all-features --test system --test jemalloc --no-run \
+        --message-format=json 2>/dev/null) || return 1
+    grep -o '"executable":"[^"]*"' <<<"$json" | sed 's/"executable":"\(.*\)"/\1/'
 }
 
 memcheck() {
-    local ok=0
-    for binary in $(test_executables); do
+    local ok=0 binaries
+    binaries=$(test_executables) || { echo "the stress tests do not build"; return 1; }
+    [ "$(wc -w <<<"$binaries")" -eq 2 ] || { echo "expected 2 test binaries, got: $binaries"; return 1; }
+    for binary in $binaries; do
         echo "valgrind memcheck: $binary"
         valgrind --quiet --error-exitcode=99 --leak-check=no "$binary" --test-threads=2 || ok=1
     done
@@ -95,9 +99,8 @@ step "tracking-alloc without default features, exporter without optional ones" n
 # The crates accept tikv-jemallocator >=0.6.1, <0.8 (one jemalloc per program): besides the
 # workspace's 0.7, test them against 0.6 in a scratch copy whose lock file is moved there.
 jemalloc_0_6() {
-    local root=$PWD scratch
+    local root=$PWD scratch status=0
     scratch=$(mktemp -d)
-    trap 'rm -rf "$scratch"' RETURN
     git ls-files --cached --others --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$scratch"
     sed -i 's/version = ">=0.6.1, <0.8"/version = "~0.6.1"/' "$scratch/Cargo.toml"
     (
@@ -106,7 +109,9 @@ jemalloc_0_6() {
             grep -A1 '^name = "tikv-jemallocator"$' Cargo.lock | grep -q '^version = "0\.6\.' &&
             CARGO_TARGET_DIR="$root/target/jemalloc-0.6" cargo test -p tracking-alloc -p exporter \
                 --all-features --lib --test scrape --test sampled --test jemalloc
-    )
+    ) || status=$?
+    rm -rf "$scratch"
+    return $status
 }
 step "tracking-alloc and exporter on tikv-jemallocator 0.6" jemalloc_0_6
 step "valgrind memcheck on the allocator stress tests" memcheck
