@@ -43,6 +43,7 @@ fn scrape_has_every_family_with_help_type_and_consistent_values() {
         ("jemalloc_retained_bytes", "gauge"),
         ("jemalloc_dirty_bytes", "gauge"),
         ("jemalloc_muzzy_bytes", "gauge"),
+        ("jemalloc_tcache_bytes", "gauge"),
         ("jemalloc_arenas", "gauge"),
         ("jemalloc_background_threads", "gauge"),
         ("jemalloc_profiling_enabled", "gauge"),
@@ -55,6 +56,8 @@ fn scrape_has_every_family_with_help_type_and_consistent_values() {
         ("memory_scope_deallocations_total", "counter"),
         ("memory_unattributed_bytes", "gauge"),
         ("memory_tracking_overhead_bytes", "gauge"),
+        ("memory_tracking_info", "gauge"),
+        ("memory_tracking_warning", "gauge"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_virtual_memory_bytes", "gauge"),
         ("memory_exporter_refresh_duration_seconds", "gauge"),
@@ -240,5 +243,30 @@ fn without_server_binds_nothing_and_serves_through_its_service() {
         404,
         "debug routes are off unless enabled"
     );
+    exporter.shutdown();
+}
+
+/// Each per-scope counter reports its own event, to the block and byte: 100 allocations of
+/// 96 bytes, 40 of them freed (on another thread), give exactly these figures.
+#[test]
+fn per_scope_counters_have_exact_values() {
+    let mut boxes: Vec<Box<[u8; 96]>> = Vec::with_capacity(100);
+    {
+        let _g = Scope::named("exact-counters").enter();
+        for i in 0..100u8 {
+            boxes.push(Box::new([i; 96]));
+        }
+    }
+    let freed: Vec<_> = boxes.drain(..40).collect();
+    std::thread::spawn(move || drop(freed)).join().unwrap();
+    let exporter = start();
+    let samples = parse_exposition(&get(exporter.local_addr(), "/metrics").text());
+    let value = |name| value_of(&samples, name, Some(("scope", "exact-counters"))).unwrap();
+    assert_eq!(value("memory_scope_allocations_total"), 100.0);
+    assert_eq!(value("memory_scope_deallocations_total"), 40.0);
+    assert_eq!(value("memory_scope_allocated_bytes_total"), 9600.0);
+    assert_eq!(value("memory_scope_deallocated_bytes_total"), 3840.0);
+    assert_eq!(value("memory_scope_live_bytes"), 5760.0);
+    drop(boxes);
     exporter.shutdown();
 }

@@ -111,11 +111,15 @@ impl DumpStore {
         }
     }
 
-    /// A fresh id and the path to dump to. Ids are unique within the directory.
+    /// A fresh id and the path to dump to. Ids are unique within the directory and newer than
+    /// every dump in it (several dumps within one millisecond take the next milliseconds), so
+    /// the ring's order is the order the dumps were taken.
     pub fn next(&self, trigger: Trigger) -> (String, PathBuf) {
-        let mut millis = SystemTime::now()
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let after_newest = self.list().last().map_or(0, |d| d.time_unix_ms + 1);
+        let mut millis = now.max(after_newest);
         loop {
             let id = format!("{millis}-{}", trigger.as_str());
             let path = self.path(&id);
@@ -274,5 +278,37 @@ mod tests {
         assert_eq!(again.list().len(), 3);
         assert_eq!(again.read(&ids[4]).unwrap().1, "heap_v2/1\n");
         let _ = std::fs::remove_dir_all(store.dir());
+    }
+
+    /// Past `max_bytes` the oldest go first, and the newest is kept even alone over the limit.
+    #[test]
+    fn ring_evicts_by_size_and_always_keeps_the_newest() {
+        let dir = std::env::temp_dir().join(format!("dumps-bytes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = DumpLimits {
+            max_count: 100,
+            max_bytes: 1000,
+        };
+        let store = DumpStore::new(dir.clone(), limits);
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let (id, path) = store.next(Trigger::Auto);
+            std::fs::write(&path, "x".repeat(400)).unwrap();
+            store.record_build(&id, Some("abcdef"));
+            ids.push(id);
+        }
+        assert_eq!(store.evict(), ids[..3], "800 bytes fit in 1000, 1200 do not");
+        let kept: Vec<_> = store.list().into_iter().map(|d| d.id).collect();
+        assert_eq!(kept, ids[3..]);
+        assert!(!store.build_path(&ids[0]).exists(), "the build record goes too");
+        assert_eq!(store.list()[0].build_id.as_deref(), Some("abcdef"));
+
+        let (big, path) = store.next(Trigger::Manual);
+        std::fs::write(&path, "y".repeat(5000)).unwrap();
+        store.evict();
+        let kept: Vec<_> = store.list().into_iter().map(|d| d.id).collect();
+        assert_eq!(kept, [big], "the newest stays even when it alone exceeds the limit");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
