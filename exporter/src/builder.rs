@@ -175,6 +175,7 @@ impl ExporterBuilder {
         let health = ExporterMetrics::new();
         let registry = prometheus::Registry::new();
         register_all(&registry, &cache, &health).map_err(Error::Register)?;
+        refuse_duplicates(&registry, &self.registries)?;
         let mut registries = vec![registry.clone()];
         registries.extend(self.registries);
         let mut profiling = self.profiling;
@@ -248,6 +249,26 @@ impl ExporterBuilder {
             runner: Some(runner),
         })
     }
+}
+
+/// Refuses registries (given with `.registry(..)`) that hold a family the exporter serves too:
+/// `/metrics` would carry it twice, which Prometheus rejects as invalid exposition.
+fn refuse_duplicates(
+    ours: &prometheus::Registry,
+    theirs: &[prometheus::Registry],
+) -> Result<(), Error> {
+    let served: std::collections::HashSet<String> =
+        ours.gather().iter().map(|f| f.name().to_owned()).collect();
+    for registry in theirs {
+        if let Some(family) = registry.gather().iter().find(|f| served.contains(f.name())) {
+            return Err(Error::Register(prometheus::Error::Msg(format!(
+                "the registry passed to .registry() holds `{}`, which the exporter serves itself; \
+                 remove that collector from your registry (the exporter's /metrics has it)",
+                family.name()
+            ))));
+        }
+    }
+    Ok(())
 }
 
 /// What [`ExporterHandle::local_addr`] answers when there is no built-in server.

@@ -102,9 +102,12 @@ pub(crate) async fn stored(
 }
 
 /// `POST /debug/memory/release?probe=NAME|all`.
-pub(crate) async fn release(query: Query) -> Result<Response<Body>, ProfileError> {
+pub(crate) async fn release(
+    profiler: Arc<Profiler>,
+    query: Query,
+) -> Result<Response<Body>, ProfileError> {
     let probe = query.get("probe").map(str::to_owned);
-    let report = operations::blocking(move || release::run(probe.as_deref())).await?;
+    let report = operations::release(profiler, probe).await?;
     #[derive(Serialize)]
     struct Report {
         probes: Vec<release::Released>,

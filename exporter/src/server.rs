@@ -263,7 +263,7 @@ async fn debug_route(
             Ok(debug::json(StatusCode::OK, &profiler.list()))
         }
         Route::Dump(id) => debug::stored(profiler, id, Query::parse(query, &["format"])?).await,
-        Route::Release => debug::release(Query::parse(query, &["probe"])?).await,
+        Route::Release => debug::release(profiler, Query::parse(query, &["probe"])?).await,
         Route::Index | Route::Metrics => unreachable!("not a debug route"),
     }
 }

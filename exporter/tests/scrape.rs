@@ -270,3 +270,24 @@ fn per_scope_counters_have_exact_values() {
     drop(boxes);
     exporter.shutdown();
 }
+
+/// A registry that already holds a family the exporter serves is refused at start, naming it
+/// (serving it twice would be invalid exposition).
+#[test]
+fn a_registry_with_the_exporters_families_is_refused() {
+    let registry = exporter::prometheus::Registry::new();
+    registry
+        .register(Box::new(exporter::JemallocCollector::new()))
+        .unwrap();
+    let error = exporter::Exporter::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .registry(registry)
+        .start()
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("jemalloc_"), "{error}");
+    assert!(
+        error.to_string().contains("remove"),
+        "says how to fix it: {error}"
+    );
+}

@@ -298,17 +298,28 @@ mod tests {
             store.record_build(&id, Some("abcdef"));
             ids.push(id);
         }
-        assert_eq!(store.evict(), ids[..3], "800 bytes fit in 1000, 1200 do not");
+        assert_eq!(
+            store.evict(),
+            ids[..3],
+            "800 bytes fit in 1000, 1200 do not"
+        );
         let kept: Vec<_> = store.list().into_iter().map(|d| d.id).collect();
         assert_eq!(kept, ids[3..]);
-        assert!(!store.build_path(&ids[0]).exists(), "the build record goes too");
+        assert!(
+            !store.build_path(&ids[0]).exists(),
+            "the build record goes too"
+        );
         assert_eq!(store.list()[0].build_id.as_deref(), Some("abcdef"));
 
         let (big, path) = store.next(Trigger::Manual);
         std::fs::write(&path, "y".repeat(5000)).unwrap();
         store.evict();
         let kept: Vec<_> = store.list().into_iter().map(|d| d.id).collect();
-        assert_eq!(kept, [big], "the newest stays even when it alone exceeds the limit");
+        assert_eq!(
+            kept,
+            [big],
+            "the newest stays even when it alone exceeds the limit"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -106,3 +106,13 @@ pub async fn stored(
     })
     .await
 }
+
+/// Runs the release probes named by `probe` (or all): serialised with the other operations, as
+/// two at once (or one during a dump) would distort each other's before/after figures.
+pub async fn release(
+    profiler: Arc<Profiler>,
+    probe: Option<String>,
+) -> Result<Vec<crate::release::Released>, ProfileError> {
+    let _busy = profiler.begin(Duration::from_secs(30))?;
+    blocking(move || crate::release::run(probe.as_deref())).await
+}
