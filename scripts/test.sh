@@ -114,6 +114,24 @@ jemalloc_0_6() {
     return $status
 }
 step "tracking-alloc and exporter on tikv-jemallocator 0.6" jemalloc_0_6
+# The declared rust-versions, tested: tracking-alloc's (the workspace's) on glibc and on musl
+# (System allocator, no C toolchain: std there once aborted on the tracker's thread-exit hook),
+# and the exporter's, whose dependencies need a newer one.
+msrv() {
+    local core exporter
+    core=$(sed -n 's/^rust-version = "\([0-9.]*\)".*/\1/p' Cargo.toml)
+    exporter=$(sed -n 's/^rust-version = "\([0-9.]*\)".*/\1/p' exporter/Cargo.toml)
+    echo "tracking-alloc: Rust $core (glibc, musl); exporter: Rust $exporter"
+    rustup toolchain install "$core" --profile minimal --target x86_64-unknown-linux-musl &&
+        rustup toolchain install "$exporter" --profile minimal &&
+        cargo +"$core" test -p tracking-alloc --no-default-features \
+            --target x86_64-unknown-linux-musl --test system --test thread_spawn --test overflow \
+            --test null_inner --test foreign_jemalloc &&
+        cargo +"$core" test -p tracking-alloc --all-features --test system --test thread_spawn \
+            --test jemalloc --test sampled --test tracing_layer &&
+        cargo +"$exporter" check -p exporter --all-features --all-targets
+}
+step "MSRV and musl" msrv
 step "valgrind memcheck on the allocator stress tests" memcheck
 step "promtool and docker-compose config checks" config_checks
 step "README snippets compile in a fresh edition-2024 crate" python3 scripts/readme_snippets.py

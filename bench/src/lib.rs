@@ -265,7 +265,7 @@ pub fn pairs(ops: u64, size: usize) {
     for _ in 0..64 {
         // SAFETY: non-zero size.
         let block = unsafe { alloc(layout) };
-        if block as usize % 4096 != 0 {
+        if !(block as usize).is_multiple_of(4096) {
             // SAFETY: allocated just above with `layout`.
             unsafe { dealloc(block, layout) };
             break;

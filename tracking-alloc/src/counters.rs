@@ -15,7 +15,7 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
-use std::ptr;
+use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::scope::{MAX_SCOPES, UNSCOPED_ID};
@@ -103,22 +103,19 @@ thread_local! {
             slot: Cell::new(ptr::null()),
         }
     };
-    /// Registered once per thread, when it first claims a slot; its destructor frees the slot.
-    static RELEASE_ON_EXIT: ReleaseOnExit = const { ReleaseOnExit };
 }
 
-struct ReleaseOnExit;
-
-impl Drop for ReleaseOnExit {
-    fn drop(&mut self) {
-        let _ = STATE.try_with(|state| {
-            state.status.set(Status::Shared);
-            let slot = state.slot.replace(ptr::null());
-            // SAFETY: a non-null `slot` was published by `claim` and slots are never freed.
-            if let Some(slot) = unsafe { slot.as_ref() } {
-                slot.in_use.store(false, Ordering::Release);
-            }
-        });
+/// Runs when a thread that claimed `slot` exits (see `thread_exit`): the thread's later
+/// allocations (other exit hooks) go to the shared slot, and the next new thread may adopt its
+/// own.
+unsafe extern "C" fn release_slot(slot: *mut std::ffi::c_void) {
+    let _ = STATE.try_with(|state| {
+        state.status.set(Status::Shared);
+        state.slot.set(ptr::null());
+    });
+    // SAFETY: `claim` registered a published slot, and slots are never freed.
+    if let Some(slot) = unsafe { slot.cast::<Slot>().as_ref() } {
+        slot.in_use.store(false, Ordering::Release);
     }
 }
 
@@ -280,18 +277,21 @@ fn count_shared(event: Event, owner: u16, bytes: u64, blocks: u64) {
 
 /// Gives the thread a slot: a free one left by an exited thread, or a new one.
 fn claim<A: GlobalAlloc>(state: &ThreadState, inner: &A) -> Ledger {
+    // Anything allocated meanwhile (a new slot comes from the inner allocator) sees `Busy`.
     state.status.set(Status::Busy);
-    // Registering the exit hook may allocate (re-entering the allocator, which sees `Busy`).
-    // If the thread is already tearing down its TLS, it never gets a slot it could not return.
-    if RELEASE_ON_EXIT.try_with(|_| ()).is_err() {
-        state.status.set(Status::Shared);
-        return Ledger::without_slot(state, inner);
-    }
     let slot = adopt_free_slot().or_else(|| new_slot(inner));
     match slot {
-        Some(slot) => {
+        // The slot goes back when the thread exits; a thread that cannot arrange that (out of
+        // thread-exit keys) gives it back now and counts in the shared slot.
+        Some(slot)
+            if crate::thread_exit::call_on_exit(release_slot, NonNull::from(slot).cast()) =>
+        {
             state.slot.set(slot);
             state.status.set(Status::Owner);
+        }
+        Some(slot) => {
+            slot.in_use.store(false, Ordering::Release);
+            state.status.set(Status::Shared);
         }
         None => state.status.set(Status::Shared),
     }

@@ -144,6 +144,7 @@ mod scope;
 mod side_table;
 mod size_class;
 mod stats;
+mod thread_exit;
 
 pub use alloc::TrackingAlloc;
 pub use future::{InScope, InScopeExt};

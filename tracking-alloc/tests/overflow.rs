@@ -2,8 +2,8 @@
 use tracking_alloc::{snapshot, Scope, MAX_SCOPES};
 
 #[global_allocator]
-static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =
-    tracking_alloc::TrackingAlloc::new(tikv_jemallocator::Jemalloc);
+static GLOBAL: tracking_alloc::TrackingAlloc<std::alloc::System> =
+    tracking_alloc::TrackingAlloc::new(std::alloc::System);
 
 #[test]
 fn names_past_the_table_overflow_gracefully() {
