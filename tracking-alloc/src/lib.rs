@@ -84,23 +84,7 @@
 //!
 //! # Sampled mode
 //!
-//! ```
-//! #[global_allocator]
-//! static GLOBAL: tracking_alloc::SampledAlloc<tikv_jemallocator::Jemalloc> =
-//!     tracking_alloc::SampledAlloc::new(tikv_jemallocator::Jemalloc); // one sample per 64 KiB
-//!
-//! fn main() {
-//!     let cache: Vec<Vec<u8>> = {
-//!         let _guard = tracking_alloc::scope!("cache");
-//!         (0..4096).map(|_| vec![0u8; 4096]).collect() // 16 MiB
-//!     };
-//!     let stats = tracking_alloc::snapshot();
-//!     let estimate = stats.iter().find(|s| s.name == "cache").unwrap().live_bytes;
-//!     assert!((estimate as f64 / (16 << 20) as f64 - 1.0).abs() < 0.35); // ±6 % is 1 σ here
-//!     assert_eq!(tracking_alloc::sample_interval(), Some(64 * 1024));
-//!     drop(cache);
-//! }
-//! ```
+//! [`SampledAlloc`] (feature `jemalloc`) is used like `TrackingAlloc`; its docs have the example.
 //!
 //! A Poisson process over the bytes each thread allocates picks the blocks to record: a block
 //! of `s` bytes is sampled with probability `p = 1 − e^(−s/T)` and counted as `s / p` bytes
