@@ -73,6 +73,7 @@ config_checks() {
         promtool check config prometheus.yml || ok=1
     fi
     if compgen -G "alerts/*.rules.yml" >/dev/null; then
+        python3 alerts/generate_tests.py --check || ok=1
         promtool check rules alerts/*.rules.yml || ok=1
         promtool test rules alerts/*.test.yml || ok=1
     fi
