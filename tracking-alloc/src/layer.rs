@@ -74,9 +74,15 @@ fn scope_of_callsite(metadata: &'static Metadata<'static>) -> Scope {
 /// The scope stored in a span's extensions.
 struct SpanScope(Scope);
 
+/// A span entered on this thread and not yet exited, and the scope to restore when it is.
+struct Entered {
+    span: u64,
+    restore: u16,
+}
+
 thread_local! {
-    /// Scopes to restore, one per span entered on this thread and not yet exited.
-    static ENTERED: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    /// Spans entered on this thread and not yet exited, innermost last.
+    static ENTERED: RefCell<Vec<Entered>> = const { RefCell::new(Vec::new()) };
 }
 
 #[derive(Default)]
@@ -119,10 +125,18 @@ where
         let Some(scope) = span.extensions().get::<SpanScope>().map(|s| s.0) else {
             return;
         };
-        // The stack grows in the enclosing scope, never in the span's own.
-        ENTERED.with(|entered| entered.borrow_mut().push(counters::current_scope()));
-        // Not a `ScopeGuard`: the scope must outlive this call and is restored in `on_exit`.
-        counters::replace_scope(scope.id());
+        // The stack grows in the enclosing scope, never in the span's own. During thread
+        // teardown there is no stack: the span then just does not change the scope.
+        let pushed = ENTERED.try_with(|entered| {
+            entered.borrow_mut().push(Entered {
+                span: id.into_u64(),
+                restore: counters::current_scope(),
+            })
+        });
+        if pushed.is_ok() {
+            // Not a `ScopeGuard`: the scope must outlive this call and is restored in `on_exit`.
+            counters::replace_scope(scope.id());
+        }
     }
 
     fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
@@ -132,8 +146,20 @@ where
         if !has_scope {
             return;
         }
-        if let Some(previous) = ENTERED.with(|entered| entered.borrow_mut().pop()) {
-            counters::replace_scope(previous);
-        }
+        let _ = ENTERED.try_with(|entered| {
+            let mut entered = entered.borrow_mut();
+            let Some(at) = entered.iter().rposition(|e| e.span == id.into_u64()) else {
+                return;
+            };
+            let exited = entered.remove(at);
+            match entered.get_mut(at) {
+                // Exited out of order (a span held across an `.await` on a `LocalSet`, say): the
+                // span entered after it stays current, and will restore what this one would have.
+                Some(next) => next.restore = exited.restore,
+                None => {
+                    counters::replace_scope(exited.restore);
+                }
+            }
+        });
     }
 }

@@ -75,3 +75,21 @@ fn instrumented_async_fns_are_attributed() {
     );
     assert!(live("index-build") < 256);
 }
+
+/// Spans exited out of order: the span entered last stays current, and when it exits too the
+/// scope from before both returns. (Popping blindly left A current inside B.)
+#[test]
+fn spans_exited_out_of_order_keep_the_right_scope() {
+    let subscriber = tracing_subscriber::registry().with(MemoryScopeLayer::new());
+    tracing::subscriber::with_default(subscriber, || {
+        let a = tracing::info_span!("a", memory_scope = "span-a");
+        let b = tracing::info_span!("b", memory_scope = "span-b");
+        let before = tracking_alloc::Scope::current();
+        let entered_a = a.enter();
+        let entered_b = b.enter();
+        drop(entered_a); // A leaves first
+        assert_eq!(tracking_alloc::Scope::current().name(), "span-b");
+        drop(entered_b);
+        assert_eq!(tracking_alloc::Scope::current(), before);
+    });
+}
