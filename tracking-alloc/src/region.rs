@@ -269,8 +269,8 @@ static HOOKS: Hooks = Hooks(sys::extent_hooks_t {
     alloc: Some(extent_alloc),
     dalloc: Some(extent_dalloc),
     destroy: Some(extent_destroy),
-    commit: Some(extent_commit),
-    decommit: Some(extent_decommit),
+    commit: Some(answer::<false>),
+    decommit: Some(answer::<true>),
     purge_lazy: None,
     purge_forced: Some(extent_purge_forced),
     split: Some(extent_split_or_merge),
@@ -339,8 +339,10 @@ unsafe extern "C" fn extent_destroy(
     unsafe { libc::madvise(addr, size, libc::MADV_DONTNEED) };
 }
 
-/// Memory handed out is always committed (read-write); nothing to do.
-unsafe extern "C" fn extent_commit(
+/// A commit or decommit hook that only answers `ANSWER`: commit succeeds at once (`false`:
+/// memory handed out is always read-write), decommit declines (`true`: pages stay mapped and
+/// jemalloc purges them instead).
+unsafe extern "C" fn answer<const ANSWER: bool>(
     _hooks: *mut sys::extent_hooks_t,
     _addr: *mut c_void,
     _size: usize,
@@ -348,19 +350,7 @@ unsafe extern "C" fn extent_commit(
     _length: usize,
     _arena: c_uint,
 ) -> bool {
-    false
-}
-
-/// Declines: pages stay mapped; jemalloc purges them instead.
-unsafe extern "C" fn extent_decommit(
-    _hooks: *mut sys::extent_hooks_t,
-    _addr: *mut c_void,
-    _size: usize,
-    _offset: usize,
-    _length: usize,
-    _arena: c_uint,
-) -> bool {
-    true
+    ANSWER
 }
 
 /// Returns the pages to the OS; they read as zero when touched again.
