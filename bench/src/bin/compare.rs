@@ -244,16 +244,7 @@ fn main() {
         "_RJEM_MALLOC_CONF",
         "prof:true,prof_active:true,lg_prof_sample:19",
     )];
-    let m = measure(&dir, &cases, service_rounds, "cpu_s");
-    println!("| allocator | CPU (s) | ratio |\n|---|---|---|");
-    for case in &cases {
-        println!(
-            "| {} | {:.3} | {:.3}× |",
-            case.label,
-            m[case.label],
-            m[case.label] / m["jemalloc"]
-        );
-    }
+    cpu_table(&dir, &cases, service_rounds, "allocator");
 
     println!("\n## Profiling cost: bare jemalloc churn (1–1024 B, 1 thread), CPU time\n");
     let churn = [
@@ -282,18 +273,21 @@ fn main() {
         "_RJEM_MALLOC_CONF",
         "prof:true,prof_active:true,lg_prof_sample:19",
     )];
-    let m = measure(&dir, &cases, rounds, "cpu_s");
-    println!("| malloc_conf | CPU (s) | ratio |\n|---|---|---|");
-    for case in &cases {
-        println!(
-            "| {} | {:.3} | {:.3}× |",
-            case.label,
-            m[case.label],
-            m[case.label] / m["prof:false"]
-        );
-    }
+    cpu_table(&dir, &cases, rounds, "malloc_conf");
 
     callgrind(&dir, quick);
+}
+
+/// Measures `cases` for `rounds` and prints their median CPU time and its ratio to the first
+/// case's, one row per case, under a first column named `what`.
+fn cpu_table(dir: &Path, cases: &[Case], rounds: usize, what: &str) {
+    let m = measure(dir, cases, rounds, "cpu_s");
+    let base = m[cases[0].label];
+    println!("| {what} | CPU (s) | ratio |\n|---|---|---|");
+    for case in cases {
+        let cpu = m[case.label];
+        println!("| {} | {cpu:.3} | {:.3}× |", case.label, cpu / base);
+    }
 }
 
 /// Instructions per operation (an alloc+free pair, or a buffer grown by `realloc`), counted by
