@@ -125,7 +125,10 @@ mod tests {
             !state.should_dump(&config, 1300, t0 + Duration::from_secs(5)),
             "cooling down"
         );
-        assert!(state.should_dump(&config, 1300, t0 + Duration::from_secs(11)));
+        assert!(
+            state.should_dump(&config, 1300, t0 + Duration::from_secs(10)),
+            "the cooldown is over after exactly its length"
+        );
         state.dumped(1300, t0 + Duration::from_secs(11));
         assert!(
             !state.should_dump(&config, 1350, t0 + Duration::from_secs(30)),

@@ -248,6 +248,13 @@ mod tests {
             parse_id("1764140712123-auto"),
             Some((1764140712123, Trigger::Auto))
         );
+        // `u64::from_str` would take a sign; the ids the exporter writes never have one.
+        assert_eq!(parse_id("+12-manual"), None);
+        assert_eq!(
+            parse_id("10000000000000000000-manual"),
+            Some((10_000_000_000_000_000_000, Trigger::Manual)),
+            "twenty digits are a valid id"
+        );
         let store = store("ids", 4);
         assert!(matches!(
             store.read("../../x"),
@@ -277,6 +284,22 @@ mod tests {
         let again = DumpStore::new(store.dir().to_owned(), DumpLimits::default());
         assert_eq!(again.list().len(), 3);
         assert_eq!(again.read(&ids[4]).unwrap().1, "heap_v2/1\n");
+        let _ = std::fs::remove_dir_all(store.dir());
+    }
+
+    /// A new id is newer than every stored dump, whatever their trigger (a dump stored with a
+    /// clock ahead, say): the ring's order stays the order dumps were taken.
+    #[test]
+    fn a_new_id_is_newer_than_every_stored_dump() {
+        let store = store("newer", 10);
+        let ahead = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 60_000;
+        std::fs::write(store.path(&format!("{ahead}-manual")), "heap_v2/1\n").unwrap();
+        let (id, _) = store.next(Trigger::Auto);
+        assert_eq!(parse_id(&id), Some((ahead + 1, Trigger::Auto)));
         let _ = std::fs::remove_dir_all(store.dir());
     }
 
