@@ -333,6 +333,17 @@ mod tests {
             "the build record goes too"
         );
         assert_eq!(store.list()[0].build_id.as_deref(), Some("abcdef"));
+        std::fs::write(store.build_path(&ids[3]), "not a build id!").unwrap();
+        assert_eq!(
+            store.list()[0].build_id,
+            None,
+            "only hex is taken as a build id"
+        );
+        std::fs::write(store.path(&ids[3]), "x".repeat(600)).unwrap();
+        assert!(
+            store.evict().is_empty(),
+            "exactly the limit (600 + 400) is within it"
+        );
 
         let (big, path) = store.next(Trigger::Manual);
         std::fs::write(&path, "y".repeat(5000)).unwrap();
