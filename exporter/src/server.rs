@@ -95,7 +95,8 @@ const GET_POST: &[Method] = &[Method::GET, Method::POST];
 /// Every route, for the index page: methods, path, what it does.
 const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/metrics", "Prometheus metrics (text format 0.0.4)"),
-    ("GET", "/debug/pprof/heap", "live heap profile; ?format=pprof|jeprof|svg|collapsed, ?seconds=N (timed), ?base=ID (growth since a stored dump)"),
+    ("GET", "/debug/pprof/heap", "live heap profile; ?format=pprof|jeprof|svg|collapsed, ?seconds=N (timed), ?base=ID (growth since a stored dump); ?gc= ignored"),
+    ("GET", "/debug/pprof/allocs", "the same as /debug/pprof/heap (Go's name; Parca's and Alloy's default memory path)"),
     ("POST", "/debug/pprof/heap/activate", "start sampling allocations (prof.active=true)"),
     ("POST", "/debug/pprof/heap/deactivate", "stop sampling allocations (prof.active=false)"),
     ("GET", "/debug/pprof/status", "profiling state and stored dumps (JSON)"),
@@ -108,7 +109,8 @@ fn route(path: &str) -> Option<(Route, &'static [Method])> {
     Some(match path {
         "/" => (Route::Index, GET_HEAD),
         "/metrics" => (Route::Metrics, GET_HEAD),
-        "/debug/pprof/heap" => (Route::Heap, GET),
+        // Go's name for the same profile; Parca's and Grafana Alloy's default memory path.
+        "/debug/pprof/heap" | "/debug/pprof/allocs" => (Route::Heap, GET),
         "/debug/pprof/heap/activate" => (Route::Activate, POST),
         "/debug/pprof/heap/deactivate" => (Route::Deactivate, POST),
         "/debug/pprof/status" => (Route::Status, GET),
@@ -242,7 +244,8 @@ async fn debug_route(
         Route::Heap => {
             debug::heap(
                 profiler,
-                Query::parse(query, &["format", "seconds", "base"])?,
+                // `gc=` (Go runs a GC before the profile) is accepted and has nothing to do here.
+                Query::parse(query, &["format", "seconds", "base", "gc"])?,
             )
             .await
         }

@@ -98,6 +98,14 @@ fn profiles_are_read_by_go_tool_pprof_and_jeprof() {
     assert_eq!(&heap.body[..2], &[0x1f, 0x8b], "gzipped");
     let top = pprof_top(&go, &heap.body, &work, "heap.pb.gz");
     assert!(top.contains("Type: space"), "{top}");
+    // Go's name for it, as Parca and Grafana Alloy request it by default (with gc=).
+    let allocs = get(a, "/debug/pprof/allocs?gc=1");
+    assert_eq!(allocs.status, 200, "{}", allocs.text());
+    assert_eq!(
+        allocs.header("content-type"),
+        Some("application/octet-stream")
+    );
+    pprof_top(&go, &allocs.body, &work, "allocs.pb.gz");
     let traces = pprof_traces(&go, &work.path().join("heap.pb.gz"), &work);
     assert!(traces.contains("demo::"), "no demo:: frames in\n{traces}");
     assert!(

@@ -73,6 +73,7 @@ fn mounted_routes_keep_every_rule_of_the_built_in_server() {
     for (method, target) in [
         ("GET", "/debug/pprof/status"),
         ("GET", "/debug/pprof/heap?format=collapsed"),
+        ("GET", "/debug/pprof/allocs?gc=1&format=collapsed"),
         ("POST", "/debug/pprof/heap/activate"),
         ("GET", "/debug/pprof/dumps"),
         ("POST", "/debug/memory/release?probe=all"),
