@@ -174,21 +174,24 @@ impl StatsCache {
     /// does not count as a scrape's reading for [`fresh`](Self::fresh): a scrape right after a
     /// background refresh still takes its own.
     pub fn refresh(&self) -> Result<(), ReadError> {
-        let mut not_for_scrapes = None;
-        self.take(&mut not_for_scrapes).map(|_| ())
+        self.take().map(|_| ())
     }
 
     /// The last reading taken through `fresh` if it is younger than `max_age`, else a new one
     /// (what a scrape uses: [`SCRAPE_MAX_AGE`]). Callers at the same moment share one reading.
     pub fn fresh(&self, max_age: Duration) -> Result<Refreshed, ReadError> {
         let mut taken = self.0.taken.lock().unwrap_or_else(|e| e.into_inner());
-        match *taken {
-            Some(at) if at.elapsed() < max_age => Ok(self.get()),
-            _ => self.take(&mut taken),
+        if let Some(at) = *taken {
+            if at.elapsed() < max_age {
+                return Ok(self.get());
+            }
         }
+        let reading = self.take()?;
+        *taken = Some(Instant::now());
+        Ok(reading)
     }
 
-    fn take(&self, taken: &mut Option<Instant>) -> Result<Refreshed, ReadError> {
+    fn take(&self) -> Result<Refreshed, ReadError> {
         let stats = JemallocStats::read()?;
         let scopes = tracking_alloc::snapshot();
         let reading = Refreshed {
@@ -198,7 +201,6 @@ impl StatsCache {
             tracking_overhead_bytes: tracking_alloc::overhead_bytes(),
         };
         *self.0.reading.write().unwrap_or_else(|e| e.into_inner()) = reading.clone();
-        *taken = Some(Instant::now());
         Ok(reading)
     }
 

@@ -46,20 +46,12 @@ pub(crate) fn record(placement: Placement) {
 #[inline]
 pub(crate) fn record_appended(type_name: &str) {
     record(Placement::Appended);
-    if type_name.to_ascii_lowercase_contains("jemalloc") {
+    let jemalloc_like = type_name
+        .as_bytes()
+        .windows(b"jemalloc".len())
+        .any(|w| w.eq_ignore_ascii_case(b"jemalloc"));
+    if jemalloc_like {
         FOREIGN_JEMALLOC.store(true, Ordering::Relaxed);
-    }
-}
-
-trait ContainsIgnoringCase {
-    fn to_ascii_lowercase_contains(&self, needle: &str) -> bool;
-}
-
-impl ContainsIgnoringCase for str {
-    fn to_ascii_lowercase_contains(&self, needle: &str) -> bool {
-        self.as_bytes()
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
     }
 }
 
