@@ -462,7 +462,7 @@ impl<A: GlobalAlloc + 'static> TrackingAlloc<A> {
     #[inline(never)]
     unsafe fn allocate_general<const ZEROED: bool>(&self, layout: Layout) -> *mut u8 {
         if has_jemalloc_layout::<A>() {
-            mode::record(mode::Placement::SizeClass);
+            let _ = mode::record(mode::Placement::SizeClass);
         } else {
             mode::record_appended(std::any::type_name::<A>());
         }

@@ -44,14 +44,23 @@ impl Counters {
     }
 }
 
+/// One thread's counters: exactly 32 KiB, a size class of its own in jemalloc (a few bytes
+/// more would be served as 40 KiB). What else a slot needs lives in [`SlotState`].
 #[repr(C, align(128))]
 pub(crate) struct Slot {
     rows: [Counters; MAX_SCOPES],
-    /// Set while a live thread owns the slot. Last, far from the hot rows.
+}
+
+const _: () = assert!(size_of::<Slot>() == 32 * 1024);
+
+/// The rest of a slot's state, beside the slot with the same index (kept out of the slot so
+/// that the slot stays one size class).
+struct SlotState {
+    /// Set while a live thread owns the slot.
     in_use: AtomicBool,
     /// The sampled mode's explicit jemalloc thread cache for its region (index + 1; 0: none
     /// yet). It belongs to the slot, so the next thread to adopt the slot reuses it.
-    pub(crate) region_cache: AtomicU32,
+    region_cache: AtomicU32,
 }
 
 impl Slot {
@@ -67,12 +76,16 @@ impl Slot {
 static SLOTS: [AtomicPtr<Slot>; MAX_THREADS] =
     [const { AtomicPtr::new(ptr::null_mut()) }; MAX_THREADS];
 static SLOT_COUNT: AtomicUsize = AtomicUsize::new(0);
+static STATES: [SlotState; MAX_THREADS] = [const {
+    SlotState {
+        in_use: AtomicBool::new(false),
+        region_cache: AtomicU32::new(0),
+    }
+}; MAX_THREADS];
 
 /// The fallback slot, written with atomic read-modify-writes by any thread.
 static SHARED: Slot = Slot {
     rows: [const { Counters::zero() }; MAX_SCOPES],
-    in_use: AtomicBool::new(false),
-    region_cache: AtomicU32::new(0),
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -93,6 +106,8 @@ struct ThreadState {
     scope: Cell<u16>,
     status: Cell<Status>,
     slot: Cell<*const Slot>,
+    /// The index of `slot` in `SLOTS` (when there is one).
+    index: Cell<u16>,
 }
 
 thread_local! {
@@ -101,21 +116,21 @@ thread_local! {
             scope: Cell::new(UNSCOPED_ID),
             status: Cell::new(Status::New),
             slot: Cell::new(ptr::null()),
+            index: Cell::new(0),
         }
     };
 }
 
-/// Runs when a thread that claimed `slot` exits (see `thread_exit`): the thread's later
-/// allocations (other exit hooks) go to the shared slot, and the next new thread may adopt its
-/// own.
-unsafe extern "C" fn release_slot(slot: *mut std::ffi::c_void) {
+/// Runs when a thread that claimed a slot exits (see `thread_exit`; `index_plus_one` is the
+/// slot's index + 1, as an address): the thread's later allocations (other exit hooks) go to
+/// the shared slot, and the next new thread may adopt its own.
+unsafe extern "C" fn release_slot(index_plus_one: *mut std::ffi::c_void) {
     let _ = STATE.try_with(|state| {
         state.status.set(Status::Shared);
         state.slot.set(ptr::null());
     });
-    // SAFETY: `claim` registered a published slot, and slots are never freed.
-    if let Some(slot) = unsafe { slot.cast::<Slot>().as_ref() } {
-        slot.in_use.store(false, Ordering::Release);
+    if let Some(state) = STATES.get(index_plus_one.addr().wrapping_sub(1)) {
+        state.in_use.store(false, Ordering::Release);
     }
 }
 
@@ -187,11 +202,16 @@ impl Ledger {
         self.count(Event::Deallocated, owner, bytes as u64, 1);
     }
 
-    /// The thread's own slot, if it has one (the sampled mode keeps its thread cache there).
+    /// Where the sampled mode keeps the explicit thread cache of this thread's slot; `None`
+    /// for a thread without a slot of its own.
     #[cfg_attr(not(sampled_mode), allow(dead_code))]
     #[inline]
-    pub(crate) fn slot(&self) -> Option<&'static Slot> {
-        self.slot
+    pub(crate) fn region_cache(&self) -> Option<&'static AtomicU32> {
+        self.slot?;
+        let index = STATE
+            .try_with(|state| usize::from(state.index.get()))
+            .ok()?;
+        Some(&STATES[index].region_cache)
     }
 
     /// Counts a sampled allocation by its weights (the bytes and blocks it stands for).
@@ -283,14 +303,13 @@ fn claim<A: GlobalAlloc>(state: &ThreadState, inner: &A) -> Ledger {
     match slot {
         // The slot goes back when the thread exits; a thread that cannot arrange that (out of
         // thread-exit keys) gives it back now and counts in the shared slot.
-        Some(slot)
-            if crate::thread_exit::call_on_exit(release_slot, NonNull::from(slot).cast()) =>
-        {
+        Some((index, slot)) if crate::thread_exit::call_on_exit(release_slot, tag(index)) => {
             state.slot.set(slot);
+            state.index.set(index as u16);
             state.status.set(Status::Owner);
         }
-        Some(slot) => {
-            slot.in_use.store(false, Ordering::Release);
+        Some((index, _)) => {
+            STATES[index].in_use.store(false, Ordering::Release);
             state.status.set(Status::Shared);
         }
         None => state.status.set(Status::Shared),
@@ -298,35 +317,47 @@ fn claim<A: GlobalAlloc>(state: &ThreadState, inner: &A) -> Ledger {
     Ledger::current(inner)
 }
 
-fn adopt_free_slot() -> Option<&'static Slot> {
-    let count = SLOT_COUNT.load(Ordering::Acquire).min(MAX_THREADS);
-    SLOTS[..count].iter().find_map(|entry| {
-        // SAFETY: non-null entries point to published slots that are never freed.
-        let slot = unsafe { entry.load(Ordering::Acquire).as_ref() }?;
-        slot.in_use
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-            .then_some(slot)
-    })
+/// A slot's index as the non-null value a thread-exit hook is registered with.
+fn tag(index: usize) -> NonNull<std::ffi::c_void> {
+    NonNull::new(ptr::without_provenance_mut(index + 1)).unwrap_or(NonNull::dangling())
 }
 
-fn new_slot<A: GlobalAlloc>(inner: &A) -> Option<&'static Slot> {
+/// A slot an exited thread left, marked in use again, with its index.
+fn adopt_free_slot() -> Option<(usize, &'static Slot)> {
+    let count = SLOT_COUNT.load(Ordering::Acquire).min(MAX_THREADS);
+    SLOTS[..count]
+        .iter()
+        .zip(&STATES)
+        .enumerate()
+        .find_map(|(index, (entry, state))| {
+            // SAFETY: non-null entries point to published slots that are never freed.
+            let slot = unsafe { entry.load(Ordering::Acquire).as_ref() }?;
+            state
+                .in_use
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+                .then_some((index, slot))
+        })
+}
+
+/// A new slot, in use, with its index.
+fn new_slot<A: GlobalAlloc>(inner: &A) -> Option<(usize, &'static Slot)> {
     let index = SLOT_COUNT.fetch_add(1, Ordering::AcqRel);
     if index >= MAX_THREADS {
         SLOT_COUNT.fetch_sub(1, Ordering::AcqRel);
         return None;
     }
-    // SAFETY: `Slot` has a non-zero size. All-zero bytes are a valid `Slot` (atomics at zero,
-    // `in_use` false), so the zeroed allocation is initialised.
+    // SAFETY: `Slot` has a non-zero size. All-zero bytes are a valid `Slot` (atomics at zero),
+    // so the zeroed allocation is initialised.
     let slot = unsafe { inner.alloc_zeroed(Layout::new::<Slot>()) }.cast::<Slot>();
     // SAFETY: non-null, zero-initialised as above, and never freed, so `'static`.
     let Some(slot) = (unsafe { slot.as_ref() }) else {
         // The index stays reserved but empty; readers skip null entries.
         return None;
     };
-    slot.in_use.store(true, Ordering::Relaxed);
+    STATES[index].in_use.store(true, Ordering::Relaxed);
     SLOTS[index].store(ptr::from_ref(slot).cast_mut(), Ordering::Release);
-    Some(slot)
+    Some((index, slot))
 }
 
 /// Counter totals of one scope over all slots.

@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{LazyLock, RwLock};
+use std::sync::{LazyLock, RwLock, RwLockWriteGuard};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
@@ -18,6 +18,7 @@ use tracing::{Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::fork::{self, HeldAcrossFork};
 use crate::{counters, Scope};
 
 /// Name of the span field that overrides the span name as the scope name.
@@ -52,8 +53,29 @@ impl MemoryScopeLayer {
 
 /// Spans without a `memory_scope` field are named after their callsite: cache the scope per
 /// callsite so creating a span costs a read lock and a pointer lookup, not the registry's lock.
+static BY_CALLSITE: LazyLock<RwLock<HashMap<usize, Scope>>> = LazyLock::new(|| {
+    fork::install();
+    RwLock::default()
+});
+
+/// The callsite cache's write guard while a `fork` is under way (see [`crate::fork`]).
+static HELD_FOR_FORK: HeldAcrossFork<RwLockWriteGuard<'static, HashMap<usize, Scope>>> =
+    HeldAcrossFork::new();
+
+/// Takes the callsite cache's lock just before `fork`, so the child gets it free.
+pub(crate) fn hold_for_fork() {
+    let guard = BY_CALLSITE.write().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: called from the prepare handler, with the cache's guard.
+    unsafe { HELD_FOR_FORK.hold(guard) };
+}
+
+/// Releases what [`hold_for_fork`] took, in the parent and in the child.
+pub(crate) fn release_after_fork() {
+    // SAFETY: called from the after-fork handlers, on the thread that forked.
+    unsafe { HELD_FOR_FORK.release() };
+}
+
 fn scope_of_callsite(metadata: &'static Metadata<'static>) -> Scope {
-    static BY_CALLSITE: LazyLock<RwLock<HashMap<usize, Scope>>> = LazyLock::new(Default::default);
     let key = metadata as *const Metadata<'static> as usize;
     if let Some(&scope) = BY_CALLSITE
         .read()

@@ -115,6 +115,7 @@
 
 mod alloc;
 mod counters;
+mod fork;
 mod future;
 #[cfg(feature = "tracing")]
 mod layer;

@@ -35,17 +35,27 @@ static PLACEMENT: AtomicU8 = AtomicU8::new(NONE);
 /// `tikv_jemallocator::Jemalloc` this crate was built against.
 static FOREIGN_JEMALLOC: AtomicBool = AtomicBool::new(false);
 
-/// Records the placement of the running allocator (on cold paths: a thread's first block).
+/// Records the placement of the running allocator. Called on the general paths, which an
+/// allocator other than jemalloc takes for every block: it reads the shared flag and writes it
+/// only the first time, so threads do not bounce its cache line between them. Returns whether
+/// this call recorded it.
 #[inline]
-pub(crate) fn record(placement: Placement) {
-    PLACEMENT.store(placement as u8 + 1, Ordering::Relaxed);
+pub(crate) fn record(placement: Placement) -> bool {
+    let value = placement as u8 + 1;
+    if PLACEMENT.load(Ordering::Relaxed) == value {
+        return false;
+    }
+    PLACEMENT.store(value, Ordering::Relaxed);
+    true
 }
 
 /// Records that an exact tracker's inner allocator of type `type_name` uses the appended
-/// placement; notes whether it looks like jemalloc. Allocates nothing.
+/// placement; notes (once) whether it looks like jemalloc. Allocates nothing.
 #[inline]
 pub(crate) fn record_appended(type_name: &str) {
-    record(Placement::Appended);
+    if !record(Placement::Appended) {
+        return;
+    }
     let jemalloc_like = type_name
         .as_bytes()
         .windows(b"jemalloc".len())

@@ -149,7 +149,7 @@ impl SampledAlloc<Jemalloc> {
         };
         let (size, align) = sampled_request(layout);
         let ledger = Ledger::current(&self.inner);
-        let cache = ledger.slot().map(|slot| &slot.region_cache);
+        let cache = ledger.region_cache();
         // SAFETY: a non-zero size (the record) and a layout's power-of-two alignment; the
         // ledger's slot is this thread's own.
         let start = unsafe { region::alloc(size, align, ZEROED, cache) };
@@ -194,7 +194,7 @@ impl SampledAlloc<Jemalloc> {
         let ledger = Ledger::current(&self.inner);
         ledger.deallocated_weighted(owner, weight.bytes, u64::from(weight.blocks));
         let (size, align) = sampled_request(layout);
-        let cache = ledger.slot().map(|slot| &slot.region_cache);
+        let cache = ledger.region_cache();
         // SAFETY: `start` was returned by `region::alloc` for this size and alignment; the
         // ledger's slot is this thread's own.
         unsafe { region::free(start, size, align, cache) }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use crate::counters;
+use crate::fork::{self, HeldAcrossFork};
 
 /// Capacity of the scope table, built-in scopes included.
 pub const MAX_SCOPES: usize = 1024;
@@ -31,8 +32,25 @@ struct Registry {
 static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(|| {
     let names = vec!["unscoped", "overflow"];
     let ids = names.iter().zip(0..).map(|(n, id)| (*n, id)).collect();
+    fork::install();
     Mutex::new(Registry { names, ids })
 });
+
+/// The registry's guard while a `fork` is under way (see [`crate::fork`]).
+static HELD_FOR_FORK: HeldAcrossFork<MutexGuard<'static, Registry>> = HeldAcrossFork::new();
+
+/// Takes the registry's lock just before `fork`, so the child gets it free and consistent.
+pub(crate) fn hold_for_fork() {
+    let guard = registry();
+    // SAFETY: called from the prepare handler, with the registry's guard.
+    unsafe { HELD_FOR_FORK.hold(guard) };
+}
+
+/// Releases what [`hold_for_fork`] took, in the parent and in the child.
+pub(crate) fn release_after_fork() {
+    // SAFETY: called from the after-fork handlers, on the thread that forked.
+    unsafe { HELD_FOR_FORK.release() };
+}
 
 fn registry() -> MutexGuard<'static, Registry> {
     // The registry is consistent after every statement, so a panic elsewhere cannot corrupt it.

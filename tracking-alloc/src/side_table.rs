@@ -31,10 +31,14 @@ const FANOUT: usize = 1 << LG_FANOUT;
 const ADDRESS_BITS: u32 = 48;
 const ROOT_LEN: usize = 1 << (ADDRESS_BITS - LG_PAGE - 2 * LG_FANOUT);
 
-/// A table of 512 pointer-sized entries (4 KiB): the interior nodes of the tree.
-type Node = [AtomicUsize; FANOUT];
+/// A table of 512 pointers (4 KiB) to the leaf entries of one 2 MiB range, one per page. Entries
+/// are pointers, never integers, so every pointer the table follows keeps the provenance of the
+/// allocation it came from (Miri's strict provenance checks this).
+type Low = [AtomicPtr<u8>; FANOUT];
+/// A table of 512 pointers (4 KiB) to the [`Low`] tables of one GiB.
+type Mid = [AtomicPtr<Low>; FANOUT];
 
-static ROOT: [AtomicPtr<Node>; ROOT_LEN] = [const { AtomicPtr::new(ptr::null_mut()) }; ROOT_LEN];
+static ROOT: [AtomicPtr<Mid>; ROOT_LEN] = [const { AtomicPtr::new(ptr::null_mut()) }; ROOT_LEN];
 
 /// Slot index of a block within its page, and log2 of the slots a leaf needs for its class.
 #[inline(always)]
@@ -49,24 +53,30 @@ fn slot_of(addr: usize, class: usize) -> (usize, u32) {
     )
 }
 
-/// A leaf entry: the leaf's address with `1 + log2(its slot count)` in the low four bits, so
-/// that an empty (zero) entry fails the size check of every lookup by itself.
+/// A leaf entry: the leaf's pointer with `1 + log2(its slot count)` in the low four bits (free
+/// by its 16-byte alignment), so that an empty (null) entry fails the size check of every
+/// lookup by itself.
 #[inline(always)]
-fn leaf_entry_of(leaf: *mut u8, lg_slots: u32) -> usize {
-    leaf as usize | (lg_slots as usize + 1)
+fn leaf_entry_of(leaf: *mut u8, lg_slots: u32) -> *mut u8 {
+    leaf.map_addr(|addr| addr | (lg_slots as usize + 1))
 }
 
 /// The slot for `slot` in the leaf that `entry` points to, if there is a leaf and it has at
 /// least `1 << lg_slots` slots.
 #[inline(always)]
-fn leaf_slot(entry: usize, slot: usize, lg_slots: u32) -> Option<&'static AtomicU16> {
-    if ((entry & 0xf) as u32) <= lg_slots {
+fn leaf_slot(entry: *mut u8, slot: usize, lg_slots: u32) -> Option<&'static AtomicU16> {
+    if ((entry.addr() & 0xf) as u32) <= lg_slots {
         return None;
     }
     // SAFETY: an entry with a non-zero tag was made by `leaf_entry_of` from a published leaf of
     // `1 << (tag - 1)` zero-initialised slots that is never freed, and `slot < 1 << lg_slots`
     // (callers take both from `slot_of`), which is at most that.
-    Some(unsafe { &*((entry & !0xf) as *const AtomicU16).add(slot) })
+    Some(unsafe {
+        &*entry
+            .map_addr(|addr| addr & !0xf)
+            .cast::<AtomicU16>()
+            .add(slot)
+    })
 }
 
 /// Records `owner` for the block at `addr` of jemalloc size class `class`. Returns the owner
@@ -133,21 +143,20 @@ fn record_growing<A: GlobalAlloc>(inner: &A, addr: usize, class: usize, owner: u
 #[inline]
 pub(crate) fn owner_of(addr: usize, class: usize) -> u16 {
     let (slot, lg_slots) = slot_of(addr, class);
-    let entry = find_leaf_entry(addr).map_or(0, |e| e.load(Ordering::Acquire));
+    let entry = find_leaf_entry(addr).map_or(ptr::null_mut(), |e| e.load(Ordering::Acquire));
     leaf_slot(entry, slot, lg_slots).map_or(UNSCOPED_ID, |leaf| leaf.load(Ordering::Relaxed))
 }
 
 /// The entry that holds the leaf pointer of `addr`'s page, creating interior tables on the way.
-fn leaf_entry<A: GlobalAlloc>(inner: &A, addr: usize) -> Option<&'static AtomicUsize> {
+fn leaf_entry<A: GlobalAlloc>(inner: &A, addr: usize) -> Option<&'static AtomicPtr<u8>> {
     let root = ROOT.get(addr >> (LG_PAGE + 2 * LG_FANOUT))?;
     let mid = node_or_create(inner, root)?;
-    let mid_entry = &mid[(addr >> (LG_PAGE + LG_FANOUT)) & (FANOUT - 1)];
-    let low = node_or_create_in(inner, mid_entry)?;
+    let low = node_or_create(inner, &mid[(addr >> (LG_PAGE + LG_FANOUT)) & (FANOUT - 1)])?;
     Some(&low[(addr >> LG_PAGE) & (FANOUT - 1)])
 }
 
 #[inline(always)]
-fn find_leaf_entry(addr: usize) -> Option<&'static AtomicUsize> {
+fn find_leaf_entry(addr: usize) -> Option<&'static AtomicPtr<u8>> {
     let mid = ROOT
         .get(addr >> (LG_PAGE + 2 * LG_FANOUT))?
         .load(Ordering::Acquire);
@@ -155,14 +164,16 @@ fn find_leaf_entry(addr: usize) -> Option<&'static AtomicUsize> {
     let mid = unsafe { mid.as_ref() }?;
     let low = mid[(addr >> (LG_PAGE + LG_FANOUT)) & (FANOUT - 1)].load(Ordering::Acquire);
     // SAFETY: likewise for non-null interior entries.
-    let low = unsafe { (low as *const Node).as_ref() }?;
+    let low = unsafe { low.as_ref() }?;
     Some(&low[(addr >> LG_PAGE) & (FANOUT - 1)])
 }
 
-fn node_or_create<A: GlobalAlloc>(inner: &A, slot: &AtomicPtr<Node>) -> Option<&'static Node> {
+/// The table `slot` points to, allocated (zeroed: all null) and published if there is none yet.
+/// `T` is [`Mid`] or [`Low`], arrays of atomic pointers that are valid when zeroed.
+fn node_or_create<A: GlobalAlloc, T>(inner: &A, slot: &AtomicPtr<T>) -> Option<&'static T> {
     let mut node = slot.load(Ordering::Acquire);
     if node.is_null() {
-        let fresh = alloc_zeroed_table(inner, size_of::<Node>())?.cast::<Node>();
+        let fresh = alloc_zeroed_table(inner, size_of::<T>())?.cast::<T>();
         node = match slot.compare_exchange(
             ptr::null_mut(),
             fresh,
@@ -171,19 +182,14 @@ fn node_or_create<A: GlobalAlloc>(inner: &A, slot: &AtomicPtr<Node>) -> Option<&
         ) {
             Ok(_) => fresh,
             Err(seen) => {
-                free_unpublished_table(inner, fresh.cast(), size_of::<Node>());
+                free_unpublished_table(inner, fresh.cast(), size_of::<T>());
                 seen
             }
         };
     }
-    // SAFETY: `node` is non-null, zero-initialised (a valid `Node` of atomics) and never freed.
+    // SAFETY: `node` is non-null, zero-initialised (a valid table of null atomic pointers: the
+    // only `T`s used) and never freed.
     Some(unsafe { &*node })
-}
-
-fn node_or_create_in<A: GlobalAlloc>(inner: &A, slot: &AtomicUsize) -> Option<&'static Node> {
-    // SAFETY: `AtomicUsize` and `AtomicPtr<Node>` have the same size, alignment and bit validity.
-    let slot = unsafe { &*(slot as *const AtomicUsize).cast::<AtomicPtr<Node>>() };
-    node_or_create(inner, slot)
 }
 
 fn table_layout(bytes: usize) -> Layout {
