@@ -125,15 +125,29 @@ msrv() {
     echo "tracking-alloc: Rust $core (glibc, musl); exporter: Rust $exporter"
     rustup toolchain install "$core" --profile minimal --target x86_64-unknown-linux-musl &&
         rustup toolchain install "$exporter" --profile minimal &&
-        cargo +"$core" test -p tracking-alloc --no-default-features \
+        cargo +"$core" test -p tracking-alloc --no-default-features --features tracing \
             --target x86_64-unknown-linux-musl --test system --test thread_spawn --test overflow \
-            --test null_inner --test foreign_jemalloc &&
+            --test null_inner --test foreign_jemalloc --test fork --test alloc_model &&
         cargo +"$core" test -p tracking-alloc --all-features --test system --test thread_spawn \
-            --test jemalloc --test sampled --test tracing_layer &&
+            --test jemalloc --test sampled --test tracing_layer --test fork --test overhead &&
         cargo +"$exporter" check -p exporter --all-features --all-targets
 }
 step "MSRV and musl" msrv
 step "valgrind memcheck on the allocator stress tests" memcheck
+# Nightly-only checks of the allocator: Miri (Tree Borrows, strict provenance) over the tests
+# that run on `System`; AddressSanitizer over the stress, fork and model tests (System and
+# jemalloc inners: with System, ASan sees every byte the tracker appends); libFuzzer on every
+# fuzz target for a bounded time (`scripts/fuzz.sh --grow` for long runs).
+step "Miri on the allocator" scripts/miri.sh
+asan() {
+    rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=0 RUSTFLAGS="-Zsanitizer=address" \
+        CARGO_TARGET_DIR=target/asan cargo +nightly test -p tracking-alloc \
+        --target x86_64-unknown-linux-gnu --features tracing --test system --test jemalloc \
+        --test sampled --test thread_spawn --test null_inner --test fork --test alloc_model
+}
+step "AddressSanitizer on the allocator tests" asan
+step "bounded fuzzing (60 s per target)" scripts/fuzz.sh 60
 step "promtool and docker-compose config checks" config_checks
 step "README snippets compile in a fresh edition-2024 crate" python3 scripts/readme_snippets.py
 bench_smoke() {

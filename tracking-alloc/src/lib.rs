@@ -104,6 +104,31 @@
 //! come from the inner allocator and are never freed; [`overhead_bytes`] reports them together
 //! with the per-thread slots, and the exporter publishes that figure.
 //!
+//! # Safety
+//!
+//! The hot path (`alloc.rs`, `sampled.rs`) never allocates from itself, locks, panics or
+//! unwinds; every `unsafe` block states why it is sound. Points a reviewer should know:
+//!
+//! - **Provenance.** The tag after the program's bytes (and a sampled block's record before
+//!   them) is read, and the padded request freed, through the pointer the program hands back.
+//!   Under Tree Borrows (Miri's `-Zmiri-tree-borrows`) that pointer keeps permission for the
+//!   whole allocation it was derived from, so these are accesses through the allocation's own
+//!   provenance: sound. Stacked Borrows shrinks a `Box`'s or `Vec`'s retag to `layout.size()`
+//!   and rejects any allocator that pads a request this way; re-deriving the pointer from
+//!   exposed provenance does not help (a `Box`'s protector forbids freeing through another
+//!   tag, and a read through it conflicts the `Box`'s permission) — both tried under Miri. The
+//!   side table holds pointers, never integers (strict provenance).
+//! - **Threads.** Counters are per-thread slots written with plain stores (only the owner
+//!   writes) and read with Acquire; a thread's exit is noticed through a pthread key, never a
+//!   `thread_local!` destructor (which aborted std on musl and old toolchains).
+//! - **`fork()`.** The two locks (the scope registry, the tracing layer's callsite cache) are
+//!   taken around `fork` by `pthread_atfork` handlers, so a child forked beside busy threads
+//!   can register scopes, snapshot and create spans.
+//!
+//! Tested (`scripts/test.sh`): Miri over the tests that run on `System`; AddressSanitizer and
+//! valgrind memcheck over the multi-thread stress tests; libFuzzer against a model of the
+//! allocator (`fuzz/fuzz_targets/alloc_model.rs`); Rust 1.85 on glibc and musl.
+//!
 //! # Features
 //!
 //! - `jemalloc` (default): recognise `tikv_jemallocator::Jemalloc` as the inner allocator and use

@@ -3,7 +3,7 @@
 //! larger size class would show as the difference).
 #![cfg(not(target_env = "musl"))]
 
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 
 use tikv_jemalloc_ctl::{epoch, stats};
 use tracking_alloc::{overhead_bytes, snapshot, TrackingAlloc};
@@ -29,8 +29,12 @@ fn readings() -> (i64, i64, i64) {
     )
 }
 
+/// The tests measure process-wide figures: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn overhead_matches_what_jemalloc_holds_for_new_threads() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const THREADS: usize = 32;
     let before = readings();
     let parked = Arc::new(Barrier::new(THREADS + 1));
@@ -63,5 +67,36 @@ fn overhead_matches_what_jemalloc_holds_for_new_threads() {
         unexplained.abs() <= (THREADS * 512) as i64,
         "jemalloc allocated {allocated} B, the tracker reports {overhead} B of overhead and \
          {live} B of blocks: {unexplained} B unexplained"
+    );
+}
+
+/// Side-table leaves are never freed, but they follow the peak, not the total: jemalloc serves
+/// later blocks from the addresses it already used, whose leaves are still there. And the peak
+/// costs at most 2 bytes per 8-byte block (the worst class: 1 KiB of leaf per 4 KiB page).
+#[test]
+fn side_table_memory_follows_the_peak_and_is_bounded() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const BOXES: usize = 500_000;
+    let round = || {
+        let boxes: Vec<Box<u64>> = (0..BOXES as u64).map(Box::new).collect();
+        drop(std::hint::black_box(boxes));
+    };
+    let before = overhead_bytes();
+    round();
+    let peak = overhead_bytes();
+    for _ in 0..5 {
+        round();
+    }
+    let after = overhead_bytes();
+    let grown = peak - before;
+    assert!(
+        // 2 bytes per box, plus a 4 KiB interior table per 2 MiB of addresses (and per GiB).
+        grown <= (BOXES * 2 + 8 * 4096) as u64,
+        "{BOXES} 8-byte boxes grew the side table by {grown} B"
+    );
+    assert!(
+        after - peak <= 64 * 1024,
+        "five more rounds of the same peak grew it by {} B",
+        after - peak
     );
 }

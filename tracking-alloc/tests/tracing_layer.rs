@@ -3,9 +3,16 @@ use tracing::instrument;
 use tracing_subscriber::prelude::*;
 use tracking_alloc::{snapshot, MemoryScopeLayer};
 
+#[cfg(not(miri))]
 #[global_allocator]
 static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =
     tracking_alloc::TrackingAlloc::new(tikv_jemallocator::Jemalloc);
+
+/// Miri cannot run jemalloc (C): the layer is checked there over `System`.
+#[cfg(miri)]
+#[global_allocator]
+static GLOBAL: tracking_alloc::TrackingAlloc<std::alloc::System> =
+    tracking_alloc::TrackingAlloc::new(std::alloc::System);
 
 #[instrument(skip_all)]
 async fn load_users(n: usize) -> Vec<Vec<u8>> {
@@ -31,6 +38,7 @@ fn live(name: &str) -> u64 {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "a multi-thread runtime is too slow under Miri")]
 fn instrumented_async_fns_are_attributed() {
     tracing_subscriber::registry()
         .with(MemoryScopeLayer::new())
@@ -92,4 +100,107 @@ fn spans_exited_out_of_order_keep_the_right_scope() {
         drop(entered_b);
         assert_eq!(tracking_alloc::Scope::current(), before);
     });
+}
+
+/// Two tasks on a `LocalSet` hold entered spans across `.await` (an anti-pattern, but common):
+/// their enters and exits interleave on one thread. The span entered last stays current while
+/// it is entered, and once both have exited the thread is back where it started.
+#[test]
+fn spans_held_across_await_on_a_local_set_interleave_correctly() {
+    use tokio::task::{spawn_local, yield_now, LocalSet};
+    use tracking_alloc::Scope;
+    let subscriber = tracing_subscriber::registry().with(MemoryScopeLayer::new());
+    tracing::subscriber::with_default(subscriber, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        LocalSet::new().block_on(&runtime, async {
+            let before = Scope::current();
+            let first = spawn_local(async {
+                let span = tracing::info_span!("first", memory_scope = "local-first");
+                let entered = span.enter();
+                yield_now().await; // `second` enters its span meanwhile
+                drop(entered); // exits before `second`, which entered after it
+                let current = Scope::current().name();
+                yield_now().await;
+                current
+            });
+            let second = spawn_local(async {
+                let span = tracing::info_span!("second", memory_scope = "local-second");
+                let entered = span.enter();
+                yield_now().await;
+                yield_now().await;
+                let current = Scope::current().name();
+                drop(entered);
+                current
+            });
+            assert_eq!(first.await.unwrap(), "local-second");
+            assert_eq!(second.await.unwrap(), "local-second");
+            assert_eq!(Scope::current(), before, "both spans exited");
+        });
+    });
+}
+
+/// Instrumented futures polled by a multi-thread runtime enter and exit their spans on
+/// whichever worker polls them, thousands of times, interleaved: afterwards no worker is left
+/// in any span's scope, and each future's allocations went to its own scope.
+#[test]
+#[cfg_attr(miri, ignore = "a multi-thread runtime is too slow under Miri")]
+fn instrumented_futures_leave_no_scope_behind_on_workers() {
+    use tracing::Instrument;
+    use tracking_alloc::Scope;
+    let dispatch =
+        tracing::Dispatch::new(tracing_subscriber::registry().with(MemoryScopeLayer::new()));
+    let on_workers = dispatch.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(move || {
+            // The workers dispatch to the layer for their whole life.
+            std::mem::forget(tracing::dispatcher::set_default(&on_workers));
+        })
+        .build()
+        .unwrap();
+    let _default = tracing::dispatcher::set_default(&dispatch);
+    let kept = runtime.block_on(async {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let span = tracing::info_span!("worker_task", memory_scope = "mt-tasks");
+                // Allocated here, outside the span: only the task's own blocks are its scope's.
+                let mut kept = Vec::with_capacity(20);
+                tokio::spawn(
+                    async move {
+                        for _ in 0..20 {
+                            kept.push(vec![i as u8; 100]);
+                            tokio::task::yield_now().await;
+                        }
+                        kept
+                    }
+                    .instrument(span),
+                )
+            })
+            .collect();
+        let mut kept = Vec::new();
+        for task in tasks {
+            kept.push(task.await.unwrap());
+        }
+        let probes: Vec<_> = (0..32)
+            .map(|_| tokio::spawn(async { Scope::current().name() }))
+            .collect();
+        for probe in probes {
+            assert_eq!(
+                probe.await.unwrap(),
+                "unscoped",
+                "a worker kept a span's scope"
+            );
+        }
+        kept
+    });
+    // The tasks' blocks, and what the runtime itself allocates while polling them (a deferred
+    // waker list growing, say: a few bytes per task).
+    let held = live("mt-tasks");
+    assert!(
+        (64 * 20 * 100..64 * 20 * 100 + 64 * 64).contains(&held),
+        "{held} B in mt-tasks"
+    );
+    drop(kept);
 }
