@@ -14,7 +14,7 @@
 //! Counts are *sampled*: an allocation is recorded with probability ~size/period. Renderers
 //! unbias them ([`Stack::unbiased`]) the way jeprof does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 /// One call stack and its sampled live objects and bytes.
@@ -110,22 +110,24 @@ impl HeapProfile {
     }
 
     /// What grew since `base`: per call stack, the objects and bytes this profile has beyond
-    /// `base`'s. Stacks that shrank or vanished are left out.
+    /// `base`'s. Stacks that shrank or vanished are left out. A stack listed more than once (a
+    /// dump may, and the fuzzer found it) counts once, with its figures summed, on both sides.
     pub fn growth_since(&self, base: &HeapProfile) -> HeapProfile {
-        let before: HashMap<&[u64], (u64, u64)> = base
-            .stacks
-            .iter()
-            .map(|s| (s.addrs.as_slice(), (s.objects, s.bytes)))
-            .collect();
+        let before = summed_by_stack(&base.stacks);
+        let now = summed_by_stack(&self.stacks);
+        let mut seen = HashSet::new();
         let stacks = self
             .stacks
             .iter()
+            .filter(|s| seen.insert(s.addrs.as_slice()))
             .filter_map(|s| {
-                let (objects, bytes) = before.get(s.addrs.as_slice()).copied().unwrap_or((0, 0));
-                (s.bytes > bytes).then(|| Stack {
+                let (objects, bytes) = now[s.addrs.as_slice()];
+                let (objects_before, bytes_before) =
+                    before.get(s.addrs.as_slice()).copied().unwrap_or((0, 0));
+                (bytes > bytes_before).then(|| Stack {
                     addrs: s.addrs.clone(),
-                    objects: s.objects.saturating_sub(objects),
-                    bytes: s.bytes - bytes,
+                    objects: objects.saturating_sub(objects_before),
+                    bytes: bytes - bytes_before,
                 })
             })
             .collect();
@@ -183,6 +185,19 @@ impl HeapProfile {
         out.push_str(&self.maps);
         out
     }
+}
+
+/// Objects and bytes per distinct call stack (saturating sums of repeated stacks).
+fn summed_by_stack(stacks: &[Stack]) -> HashMap<&[u64], (u64, u64)> {
+    let mut sums: HashMap<&[u64], (u64, u64)> = HashMap::with_capacity(stacks.len());
+    for stack in stacks {
+        let sum = sums.entry(stack.addrs.as_slice()).or_default();
+        *sum = (
+            sum.0.saturating_add(stack.objects),
+            sum.1.saturating_add(stack.bytes),
+        );
+    }
+    sums
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ pub fn sizes(n: usize) -> impl Iterator<Item = usize> {
 }
 
 pub fn cross_thread_frees_credit_the_owner() {
-    const BLOCKS: usize = under_miri(2000, 40);
+    const BLOCKS: usize = under_miri(2000, 16);
     let scope = Scope::named("cross-thread");
     let mut blocks = Vec::with_capacity(BLOCKS);
     let mut bytes = 0;
@@ -291,7 +291,8 @@ pub fn same_name_same_scope() {
 /// `realloc` and freed on another thread.
 pub fn one_spare_byte_blocks_in_many_scopes() {
     const SIZES: [usize; 6] = [7, 15, 47, 63, 127, 159];
-    let scopes: Vec<(String, Scope)> = (0..300)
+    // Under Miri (System inner: no one-byte tags) a few scopes exercise the same paths.
+    let scopes: Vec<(String, Scope)> = (0..under_miri(300, 12))
         .map(|i| {
             let name = format!("spare-byte-{i}");
             let scope = Scope::named(&name);
@@ -299,7 +300,7 @@ pub fn one_spare_byte_blocks_in_many_scopes() {
         })
         .collect();
     assert!(scopes.iter().any(|(_, s)| s.id() < 255));
-    assert!(scopes.iter().any(|(_, s)| s.id() > 255));
+    assert!(cfg!(miri) || scopes.iter().any(|(_, s)| s.id() > 255));
     // Allocated up front: growing it inside a scope would charge that scope.
     let mut blocks = Vec::with_capacity(scopes.len() * SIZES.len());
     for (_, scope) in &scopes {
