@@ -80,6 +80,25 @@ def alert_case(at, name, alerts):
     return {"eval_time": at, "alertname": name, "exp_alerts": alerts}
 
 
+def firing(name, at, label_sets):
+    """A check through ALERTS, whose labels carry no value: for alerts whose annotations hold a
+    figure that varies with where the windows fall (alert_rule_test compares annotations)."""
+    severity = RULES[name]["labels"]["severity"]
+    samples = [
+        {
+            "labels": "ALERTS{"
+            + ",".join(
+                f'{k}="{v}"'
+                for k, v in {"alertname": name, "alertstate": "firing", **labels, "severity": severity}.items()
+            )
+            + "}",
+            "value": 1,
+        }
+        for labels in label_sets
+    ]
+    return {"expr": f'ALERTS{{alertname="{name}",alertstate="firing"}}', "eval_time": at, "exp_samples": samples}
+
+
 def main():
     growth, sawtooth, noisy = shapes()
     svc = lambda instance, **extra: {"job": "svc", "instance": instance, **extra}
@@ -150,33 +169,77 @@ def main():
                 *(started(svc(f"leak-{period}m:9464")) for period in (20, 45, 60)),
             ],
             # The floor is measured between clears, so its rate reads 100–133 MiB/h depending on
-            # where the windows fall in the cycle: checked through ALERTS, whose labels carry no
-            # value (alert_rule_test would compare the annotations' varying figure).
+            # where the windows fall in the cycle: checked through ALERTS.
             "promql_expr_test": [
-                {
-                    "expr": 'ALERTS{alertname="MemorySlowGrowth",alertstate="firing"}',
-                    "eval_time": t,
-                    "exp_samples": [
-                        {
-                            "labels": "ALERTS{"
-                            + ",".join(
-                                f'{k}="{v}"'
-                                for k, v in {
-                                    "alertname": "MemorySlowGrowth",
-                                    "alertstate": "firing",
-                                    "instance": f"leak-{period}m:9464",
-                                    "job": "svc",
-                                    "severity": "warning",
-                                }.items()
-                            )
-                            + "}",
-                            "value": 1,
-                        }
-                        for period in (20, 45, 60)
-                    ],
-                }
+                firing("MemorySlowGrowth", t, [svc(f"leak-{period}m:9464") for period in (20, 45, 60)])
                 for t in ("4h30m", "5h", "6h", "7h", "8h")
             ],
+        },
+        {
+            # Ten instances whose "cache" scope each grows 30 MiB/h: below the per-process
+            # threshold, 300 MiB/h for the job.
+            "name": "a scope growing a little on every instance fires once for the job",
+            "interval": "1m",
+            "input_series": [
+                *(
+                    series("memory_scope_live_bytes", svc(f"pod-{i}:9464", scope="cache"), f"{512 * MiB}+{30 * MiB // 60}x360")
+                    for i in range(10)
+                ),
+                *(
+                    series("memory_scope_live_bytes", svc(f"pod-{i}:9464", scope="lru"), sawtooth)
+                    for i in range(10)
+                ),
+                *(started(svc(f"pod-{i}:9464")) for i in range(10)),
+            ],
+            "alert_rule_test": [
+                alert_case("5h", "MemoryScopeSlowGrowth", []),
+                alert_case("3h10m", "MemoryScopeFleetGrowth", []),
+            ],
+            "promql_expr_test": [
+                firing("MemoryScopeFleetGrowth", t, [{"job": "svc", "scope": "cache"}]) for t in ("3h40m", "5h")
+            ],
+        },
+        {
+            # Resident memory rises 1 GiB/h from 2 GiB towards a 4 GiB container limit (joined
+            # on namespace and pod; the pod-level series without a container is ignored), beside
+            # a flat process at 3 GiB of the same limit and one without any limit.
+            "name": "predicted exhaustion fires for the process on course to its limit",
+            "interval": "1m",
+            "input_series": [
+                series("process_resident_memory_bytes", svc("rising:9464", namespace="prod", pod="rising"), f"{2048 * MiB}+{1024 * MiB // 60}x120"),
+                series("process_resident_memory_bytes", svc("flat:9464", namespace="prod", pod="flat"), f"{3072 * MiB}x120"),
+                series("process_resident_memory_bytes", svc("unlimited:9464"), f"{2048 * MiB}+{1024 * MiB // 60}x120"),
+                *(
+                    series("container_spec_memory_limit_bytes", {"namespace": "prod", "pod": pod, "container": "app"}, f"{4096 * MiB}x120")
+                    for pod in ("rising", "flat")
+                ),
+                series("container_spec_memory_limit_bytes", {"namespace": "prod", "pod": "rising", "container": ""}, f"{8192 * MiB}x120"),
+            ],
+            "alert_rule_test": [alert_case("10m", "MemoryExhaustionPredicted", [])],
+            "promql_expr_test": [
+                {
+                    "expr": "instance:memory_limit_bytes",
+                    "eval_time": "1h",
+                    "exp_samples": [
+                        {"labels": f'instance:memory_limit_bytes{{job="svc",instance="{i}:9464"}}', "value": 4096 * MiB}
+                        for i in ("rising", "flat")
+                    ],
+                },
+                *(
+                    firing("MemoryExhaustionPredicted", t, [svc("rising:9464")])
+                    for t in ("1h", "1h30m")
+                ),
+            ],
+        },
+        {
+            "name": "statistics not refreshed for five minutes are stale",
+            "interval": "1m",
+            "input_series": [
+                series("memory_exporter_last_refresh_timestamp_seconds", svc("fresh:9464"), "0+60x60"),
+                series("memory_exporter_last_refresh_timestamp_seconds", svc("stuck:9464"), "0+60x20 1200x40"),
+            ],
+            "alert_rule_test": [alert_case("28m", "MemoryExporterStale", [])],
+            "promql_expr_test": [firing("MemoryExporterStale", "40m", [svc("stuck:9464")])],
         },
         {
             "name": "a restart (dip, warm-up) does not fire",

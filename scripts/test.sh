@@ -31,6 +31,7 @@ install_tools() {
     local -A needs=(
         [prometheus]=prometheus [promtool]=prometheus [go]=golang-go
         [jeprof]=libjemalloc-dev [docker-compose]=docker-compose [valgrind]=valgrind
+        [amtool]=prometheus-alertmanager
     )
     local missing=()
     for tool in "${!needs[@]}"; do
@@ -73,9 +74,13 @@ config_checks() {
         promtool check config prometheus.yml || ok=1
     fi
     if compgen -G "alerts/*.rules.yml" >/dev/null; then
+        python3 alerts/generate_rules.py --check || ok=1
         python3 alerts/generate_tests.py --check || ok=1
         promtool check rules alerts/*.rules.yml || ok=1
         promtool test rules alerts/*.test.yml || ok=1
+    fi
+    if [ -f alerts/alertmanager.yml ]; then
+        amtool check-config alerts/alertmanager.yml || ok=1
     fi
     if [ -f docker-compose.yml ]; then
         docker-compose -f docker-compose.yml config --quiet || ok=1
