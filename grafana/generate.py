@@ -5,7 +5,12 @@ The end-to-end test evaluates every query here against a real Prometheus scrapin
 import json
 import pathlib
 
-DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+# A variable, so an import into any Grafana finds its Prometheus (a hard-coded uid shows
+# "datasource not found" anywhere but the compose stack).
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+MiB = 1024 * 1024
+# The growth alerts' threshold (alerts/generate_rules.py), drawn on the growth panels.
+GROWTH_ALERT_BYTES_PER_HOUR = 50 * MiB
 SEL = 'job=~"$job",instance=~"$instance"'
 SCOPE_SEL = SEL + ',scope=~"$scope"'
 
@@ -15,6 +20,9 @@ def q(expr, legend="", instant=False, fmt="time_series"):
 
 
 def panel(kind, title, description, unit, queries, w=12, h=8, **options):
+    """`options`: `stacked`, `mappings`, `text_mode`, `red_above` (a threshold drawn in red;
+    without one, no threshold colours the panel), `legend_table`, `unstacked` (series names
+    drawn as lines over a stack)."""
     return {"type": kind, "title": title, "description": description, "unit": unit,
             "queries": queries, "w": w, "h": h, "options": options}
 
@@ -23,9 +31,13 @@ def variables(with_scope):
     def var(name, query, label):
         return {"name": name, "label": label, "type": "query", "datasource": DATASOURCE,
                 "query": {"query": query, "refId": f"{name}-var"}, "definition": query,
-                "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
+                # No allValue: "All" then means the values listed (of the selected jobs), not
+                # ".*", which would pull in every job's process_* series.
+                "refresh": 2, "includeAll": True, "multi": True,
                 "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "sort": 1}
-    out = [var("job", "label_values(jemalloc_info, job)", "job"),
+    datasource = {"name": "datasource", "label": "Prometheus", "type": "datasource",
+                  "query": "prometheus", "current": {}, "hide": 0}
+    out = [datasource, var("job", "label_values(jemalloc_info, job)", "job"),
            var("instance", 'label_values(jemalloc_info{job=~"$job"}, instance)', "instance")]
     if with_scope:
         out.append(var("scope", f"label_values(memory_scope_live_bytes{{{SEL}}}, scope)", "scope"))
@@ -37,7 +49,10 @@ def build(uid, title, description, panels, with_scope):
     for i, p in enumerate(panels, start=1):
         if x + p["w"] > 24:
             x, y, row_h = 0, y + row_h, 0
-        field_defaults = {"unit": p["unit"]}
+        steps = [{"color": "green", "value": None}]
+        if "red_above" in p["options"]:
+            steps.append({"color": "red", "value": p["options"]["red_above"]})
+        field_defaults = {"unit": p["unit"], "thresholds": {"mode": "absolute", "steps": steps}}
         if "mappings" in p["options"]:
             field_defaults["mappings"] = p["options"]["mappings"]
         custom = {}
@@ -45,13 +60,26 @@ def build(uid, title, description, panels, with_scope):
             custom = {"fillOpacity": 10, "lineWidth": 1, "showPoints": "never"}
             if p["options"].get("stacked"):
                 custom.update({"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 40})
+            if "red_above" in p["options"]:
+                custom["thresholdsStyle"] = {"mode": "dashed"}
         if custom:
             field_defaults["custom"] = custom
+        overrides = [
+            {"matcher": {"id": "byName", "options": name},
+             "properties": [{"id": "custom.stacking", "value": {"mode": "none"}},
+                            {"id": "custom.fillOpacity", "value": 0},
+                            {"id": "custom.lineWidth", "value": 2}]}
+            for name in p["options"].get("unstacked", [])
+        ]
         targets = [dict(refId=chr(ord("A") + n), datasource=DATASOURCE, **query)
                    for n, query in enumerate(p["queries"])]
         entry = {"id": i, "type": p["type"], "title": p["title"], "description": p["description"],
                  "datasource": DATASOURCE, "gridPos": {"x": x, "y": y, "w": p["w"], "h": p["h"]},
-                 "fieldConfig": {"defaults": field_defaults, "overrides": []}, "targets": targets}
+                 "fieldConfig": {"defaults": field_defaults, "overrides": overrides}, "targets": targets}
+        if p["options"].get("legend_table"):
+            entry["options"] = {"legend": {"displayMode": "table", "placement": "right",
+                                           "calcs": ["lastNotNull", "max"], "sortBy": "Last *",
+                                           "sortDesc": True}}
         if p["type"] == "table":
             entry["transformations"] = [{"id": "merge", "options": {}},
                                         {"id": "organize", "options": {"excludeByName": {"Time": True},
@@ -68,10 +96,35 @@ def build(uid, title, description, panels, with_scope):
         row_h = max(row_h, p["h"])
     return {"uid": uid, "title": title, "description": description, "tags": ["memory", "jemalloc"],
             "timezone": "browser", "schemaVersion": 39, "version": 1, "editable": False,
-            "refresh": "10s", "time": {"from": "now-6h", "to": "now"},
+            "refresh": "1m", "time": {"from": "now-6h", "to": "now"},
             "templating": {"list": variables(with_scope)}, "panels": out,
+            "annotations": {"list": [RESTARTS]},
             "links": [{"title": "Memory scopes" if uid == "memory-overview" else "Memory overview",
-                       "type": "link", "url": "/d/" + ("memory-scopes" if uid == "memory-overview" else "memory-overview")}]}
+                       "type": "link", "keepTime": True, "includeVars": True,
+                       "url": "/d/" + ("memory-scopes" if uid == "memory-overview" else "memory-overview")}]}
+
+
+# A restart lowers every figure: marked on every panel so it is not read as memory freed.
+RESTARTS = {"name": "Restarts", "datasource": DATASOURCE, "enable": True, "iconColor": "orange",
+            "expr": f"changes(process_start_time_seconds{{{SEL}}}[2m]) > 0",
+            "step": "1m", "titleFormat": "restart", "textFormat": "{{instance}} restarted"}
+
+
+def change_since(expr, offset):
+    """`expr` now minus `expr` `offset` ago, summed over the selection rather than per instance,
+    so a pod replaced by an identical one changes nothing; what did not exist then counts from
+    zero (and a fresh Prometheus shows the figures since it began)."""
+    return f"{expr} - {then(expr, offset)}"
+
+
+def then(expr, offset):
+    """`expr` as it was `offset` ago, or zero for what did not exist then."""
+    return f"({offset_of(expr, offset)} or {expr} * 0)"
+
+
+def offset_of(expr, offset):
+    """`expr` with every selector shifted `offset` into the past."""
+    return expr.replace("}", f"}} offset {offset}")
 
 
 def tracking_mode(w, h):
@@ -99,7 +152,9 @@ OVERVIEW = [
           "(including dirty ones and metadata); mapped and retained: address space. A gap between "
           "resident and allocated is fragmentation or unpurged dirty pages.",
           "bytes", [q(f"jemalloc_{m}_bytes{{{SEL}}}", f"{m} {{{{instance}}}}")
-                    for m in ("allocated", "active", "resident", "mapped", "retained", "metadata")]),
+                    # Not retained: virtual address space only, often far larger, it flattened
+                    # the other lines.
+                    for m in ("allocated", "active", "resident", "mapped", "metadata")]),
     panel("timeseries", "Process RSS vs jemalloc resident",
           "RSS counts every resident page of the process. Memory above jemalloc's resident belongs to "
           "code, stacks, or allocations outside jemalloc (C libraries using libc malloc, mmap).",
@@ -111,7 +166,8 @@ OVERVIEW = [
           "Resident bytes per allocated byte. Near 1 is tight; above 1.5 on a large heap the alert "
           "MemoryFragmentationHigh fires. Spikes right after a batch job are normal while dirty "
           "pages decay.", "none",
-          [q(f"jemalloc_resident_bytes{{{SEL}}} / jemalloc_allocated_bytes{{{SEL}}}", "{{instance}}")], w=8),
+          [q(f"jemalloc_resident_bytes{{{SEL}}} / jemalloc_allocated_bytes{{{SEL}}}", "{{instance}}")], w=8,
+          red_above=1.5),
     panel("timeseries", "Dirty and muzzy pages",
           "Freed pages jemalloc has not returned to the OS yet. They count in RSS. If they stay high, "
           "lower dirty_decay_ms or enable background_thread.", "bytes",
@@ -129,13 +185,17 @@ OVERVIEW = [
                     q(f"memory_unattributed_bytes{{{SEL}}}", "unattributed {{instance}}")],
           w=8, stacked=True),
     panel("stat", "Growth over 1 h",
-          "Change of jemalloc allocated bytes over the last hour (extrapolated from the samples in "
-          "range). Positive and steady for hours is a leak; see MemorySlowGrowth.", "bytes",
-          [q(f"delta(jemalloc_allocated_bytes{{{SEL}}}[1h])", "{{instance}}")], w=6, h=5),
+          "Change of jemalloc allocated bytes of the selected instances together over the last "
+          "hour (a replaced pod does not count as growth). Red above the growth alerts' threshold "
+          "(50 MiB/h); positive and steady for hours is a leak, see MemorySlowGrowth.", "bytes",
+          [q(change_since(f"sum(jemalloc_allocated_bytes{{{SEL}}})", "1h"), "selection")], w=6, h=5,
+          red_above=GROWTH_ALERT_BYTES_PER_HOUR),
     panel("stat", "Growth over 24 h",
-          "Change of jemalloc allocated bytes over the last day. Compare with the 1 h figure: a leak "
-          "grows at both scales, a daily cycle only at one.", "bytes",
-          [q(f"delta(jemalloc_allocated_bytes{{{SEL}}}[24h])", "{{instance}}")], w=6, h=5),
+          "Change of jemalloc allocated bytes of the selected instances together over the last day. "
+          "Compare with the 1 h figure: a leak grows at both scales, a daily cycle only at one. Red "
+          "above 24 h of the growth alerts' threshold.", "bytes",
+          [q(change_since(f"sum(jemalloc_allocated_bytes{{{SEL}}})", "24h"), "selection")], w=6, h=5,
+          red_above=24 * GROWTH_ALERT_BYTES_PER_HOUR),
     panel("stat", "Heap profile dumps (24 h)",
           "Heap profiles written in the last day, by trigger (manual POST /debug/pprof/dumps or the "
           "automatic growth trigger) and result. Errors mean the dump directory is missing, full or "
@@ -158,38 +218,50 @@ OVERVIEW = [
                       "{{instance}} {{code}}")]),
 ]
 
+LIVE_BY_SCOPE = f"sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}})"
+
 SCOPES = [
     tracking_mode(w=24, h=3),
     panel("timeseries", "Live bytes per scope",
-          "Bytes each scope holds right now (requested sizes), stacked. A block stays with the scope "
-          "that allocated it wherever it is freed. A band that only rises is a leak candidate.",
-          "bytes", [q(f"sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}})", "{{scope}}")],
-          w=16, stacked=True),
+          "Bytes the ten largest scopes hold (requested sizes), stacked, the rest as other; the "
+          "line above is jemalloc's allocated bytes, so the gap is what no scope names. A block "
+          "stays with the scope that allocated it wherever it is freed. A band that only rises is "
+          "a leak candidate.",
+          "bytes", [q(f"topk(10, sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}}))", "{{scope}}"),
+                    q(f"sum(memory_scope_live_bytes{{{SCOPE_SEL}}}) - "
+                      f"sum(topk(10, sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}})))", "other"),
+                    q(f"sum(jemalloc_allocated_bytes{{{SEL}}})", "jemalloc allocated")],
+          w=16, stacked=True, legend_table=True, unstacked=["jemalloc allocated"]),
     panel("bargauge", "Top scopes now",
           "The ten scopes holding the most memory at the end of the range.", "bytes",
           [q(f"topk(10, sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}}))", "{{scope}}", instant=True)],
           w=8),
-    *[panel("timeseries", f"Growth rate per scope ({window})",
-            f"Slope of live bytes over the last {window} (linear regression), in bytes per second. "
-            "A cache that fills and is cleared averages out over windows longer than its cycle; "
-            "a leak stays positive at every window.", "Bps",
-            [q(f"sum by (scope) (deriv(memory_scope_live_bytes{{{SCOPE_SEL}}}[{window}]))", "{{scope}}")], w=8)
-      for window in ("1h", "6h", "24h")],
+    *[panel("timeseries", f"Growth per scope, bytes per hour ({window} slope)",
+            f"Slope of live bytes over the last {window} (linear regression), in bytes per hour; the "
+            "dashed line is the growth alerts' threshold (50 MiB/h). A cache that fills and is "
+            "cleared averages out over windows longer than its cycle; a leak stays positive at every "
+            "window." + note, "bytes",
+            [q(f"sum by (scope) ({expr}) * 3600", "{{scope}}")], w=12,
+            red_above=GROWTH_ALERT_BYTES_PER_HOUR)
+      for window, expr, note in (
+          ("1h", f"instance_scope:memory_scope_live_bytes:deriv1h{{{SCOPE_SEL}}}",
+           " From the recording rule, so it costs one sample per series and step."),
+          ("6h", f"deriv(memory_scope_live_bytes{{{SCOPE_SEL}}}[6h])", ""))],
     panel("timeseries", "Allocation rate (bytes/s)",
           "Bytes allocated per second by each scope: churn, not growth. High churn with flat live "
-          "bytes is CPU cost, not a leak.", "Bps",
+          "bytes is CPU cost, not a leak.", "binBps",
           [q(f"sum by (scope) (rate(memory_scope_allocated_bytes_total{{{SCOPE_SEL}}}[$__rate_interval]))", "{{scope}}")]),
     panel("timeseries", "Allocation rate (ops/s)",
           "Allocations per second by each scope. Many small allocations cost more CPU than few large "
           "ones of the same bytes.", "ops",
           [q(f"sum by (scope) (rate(memory_scope_allocations_total{{{SCOPE_SEL}}}[$__rate_interval]))", "{{scope}}")]),
     panel("table", "Scopes: now, 1 h ago, change",
-          "Live bytes per scope now, an hour ago (now minus the change over the last hour, or since the "
-          "series began if younger), and the change. Sort by change to find what grows.", "bytes",
-          [q(f"sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}})", "", instant=True, fmt="table"),
-           q(f"sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}}) - sum by (scope) (delta(memory_scope_live_bytes{{{SCOPE_SEL}}}[1h]))",
-             "", instant=True, fmt="table"),
-           q(f"sum by (scope) (delta(memory_scope_live_bytes{{{SCOPE_SEL}}}[1h]))", "", instant=True, fmt="table")],
+          "Live bytes per scope over the selected instances together: now, an hour ago (0 if the "
+          "scope did not exist), and the change. Summed before comparing, so a pod replaced by an "
+          "identical one shows no change. Sort by change to find what grows.", "bytes",
+          [q(LIVE_BY_SCOPE, "", instant=True, fmt="table"),
+           q(then(LIVE_BY_SCOPE, "1h"), "", instant=True, fmt="table"),
+           q(change_since(LIVE_BY_SCOPE, "1h"), "", instant=True, fmt="table")],
           w=24, h=10),
 ]
 
