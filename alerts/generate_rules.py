@@ -15,9 +15,11 @@ import yaml
 HERE = pathlib.Path(__file__).parent
 
 SETTINGS = {
+    # How often the groups evaluate.
+    "group_interval": "1m",
     # The floor is the minimum over this window; growth compares it with the window before.
     # Longer than any fill-and-clear cycle of your caches.
-    "floor_window_minutes": 90,
+    "floor_window": "90m",
     # Growth of the floor that alerts, per process and per scope.
     "growth_mib_per_hour": 50,
     # Growth of one scope summed over a job's instances that alerts (each may stay below the
@@ -40,17 +42,34 @@ SETTINGS = {
 }
 
 
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def seconds(duration):
+    """Seconds in a Prometheus duration of one unit: 90m, 20s, 3h."""
+    return int(duration[:-1]) * UNITS[duration[-1]]
+
+
+def human(secs):
+    """A duration for the alerts' descriptions: 3 hours, 40 seconds."""
+    for unit, size in (("hours", 3600), ("minutes", 60)):
+        if secs % size == 0:
+            return f"{secs // size} {unit}"
+    return f"{secs} seconds"
+
+
 def rules(s):
-    window = f"{s['floor_window_minutes']}m"
-    hours = s["floor_window_minutes"] / 60
+    window = s["floor_window"]
+    window_s = seconds(window)
+    per_hour = f"{window_s / 3600:g}" if window_s % 360 == 0 else f"({window_s} / 3600)"
     threshold = f"{s['growth_mib_per_hour']} * 1024 * 1024"
     # Up for less than both windows: its floor may still be a restart's dip and warm-up.
-    young = f"(time() - process_start_time_seconds < {2 * s['floor_window_minutes'] * 60})"
+    young = f"(time() - process_start_time_seconds < {2 * window_s})"
 
     def floor_growth(metric):
         return (
             f"(min_over_time({metric}[{window}])\n"
-            f"  - min_over_time({metric}[{window}] offset {window})) / {hours:g}\n"
+            f"  - min_over_time({metric}[{window}] offset {window})) / {per_hour}\n"
         )
 
     def runbook(alert):
@@ -92,7 +111,7 @@ def rules(s):
                 "summary": "{{ $labels.instance }}: heap floor rising {{ $value | humanize1024 }}B/h",
                 "description": (
                     "jemalloc's allocated bytes on {{ $labels.job }}/{{ $labels.instance }} have not returned "
-                    f"to their earlier floor for {2 * hours:g} hours: the lowest value of the last {window} is "
+                    f"to their earlier floor for {human(2 * window_s)}: the lowest value of the last {window} is "
                     f"higher than that of the {window} before by {{{{ $value | humanize1024 }}}}B per hour. "
                     "This is the shape of a leak or an unbounded cache, not of a cache that fills and is "
                     "cleared (which returns to the same floor). " + growth_next
@@ -110,7 +129,7 @@ def rules(s):
                 "summary": "scope {{ $labels.scope }} on {{ $labels.instance }} grows {{ $value | humanize1024 }}B/h",
                 "description": (
                     'The live bytes of scope "{{ $labels.scope }}" on {{ $labels.job }}/{{ $labels.instance }} '
-                    f"keep a rising floor: {{{{ $value | humanize1024 }}}}B per hour over the last {2 * hours:g} hours. "
+                    f"keep a rising floor: {{{{ $value | humanize1024 }}}}B per hour over the last {human(2 * window_s)}. "
                     "Look at what this scope keeps (caches, maps keyed by ids, queues without bounds). "
                     "To see which call sites hold it, diff heap profiles taken an hour apart "
                     "(POST /debug/pprof/dumps, then GET /debug/pprof/heap?base=<id>); to measure what a "
@@ -232,8 +251,8 @@ def rules(s):
     ]
     return {
         "groups": [
-            {"name": "memory-recording", "interval": "1m", "rules": recording},
-            {"name": "memory-alerts", "interval": "1m", "rules": alerts},
+            {"name": "memory-recording", "interval": s["group_interval"], "rules": recording},
+            {"name": "memory-alerts", "interval": s["group_interval"], "rules": alerts},
         ]
     }
 
@@ -275,13 +294,18 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if memory.rules.yml differs")
-    parser.add_argument("--runbook-base", help="URL where alerts/RUNBOOK.md is served")
+    parser.add_argument("--output", type=pathlib.Path, default=HERE / "memory.rules.yml")
+    # Any setting, as --name value (the end-to-end tests compress the windows this way).
+    for name, default in SETTINGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int)
     args = parser.parse_args()
     settings = dict(SETTINGS)
-    if args.runbook_base:
-        settings["runbook_base"] = args.runbook_base
+    for name in SETTINGS:
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
     generated = generate(settings)
-    target = HERE / "memory.rules.yml"
+    target = args.output
     if args.check:
         if target.read_text() != generated:
             sys.exit("alerts/memory.rules.yml differs from what alerts/generate_rules.py writes: rerun it")

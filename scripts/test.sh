@@ -31,7 +31,7 @@ install_tools() {
     local -A needs=(
         [prometheus]=prometheus [promtool]=prometheus [go]=golang-go
         [jeprof]=libjemalloc-dev [docker-compose]=docker-compose [valgrind]=valgrind
-        [amtool]=prometheus-alertmanager
+        [amtool]=prometheus-alertmanager [prometheus-alertmanager]=prometheus-alertmanager
     )
     local missing=()
     for tool in "${!needs[@]}"; do

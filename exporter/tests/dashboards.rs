@@ -68,8 +68,7 @@ fn dashboards_are_consistent() {
                 "{file}: duplicate panel id in {title}"
             );
             assert_eq!(
-                panel["datasource"]["uid"],
-                uid,
+                panel["datasource"]["uid"], uid,
                 "{file}/{title}: datasource"
             );
             let unit = panel["fieldConfig"]["defaults"]["unit"]
@@ -95,8 +94,7 @@ fn dashboards_are_consistent() {
             assert!(!targets.is_empty(), "{file}/{title}: no query");
             for target in targets {
                 assert_eq!(
-                    target["datasource"]["uid"],
-                    uid,
+                    target["datasource"]["uid"], uid,
                     "{file}/{title}: target datasource"
                 );
                 let expr = target["expr"].as_str().unwrap();

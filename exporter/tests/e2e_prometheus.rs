@@ -5,7 +5,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    dashboards, get, promtool_check_metrics, require_tool, workspace_root, Demo, Prometheus,
+    dashboards, generated_rules, get, promtool_check_metrics, require_tool, Demo, Prometheus,
+    TempDir,
 };
 
 #[test]
@@ -35,13 +36,16 @@ fn prometheus_scrapes_the_demo() {
         panic!("promtool check metrics failed:\n{problems}");
     }
 
+    // The repository's rules, evaluated every second instead of every minute.
+    let rules_dir = TempDir::new("rules");
+    let rules = generated_rules(&rules_dir, &["--group-interval", "1s"]);
     let server = Prometheus::start(
         &prometheus,
         &format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files: ['{}/alerts/*.rules.yml']\n\
+             rule_files: ['{}']\n\
              scrape_configs:\n  - job_name: demo\n    static_configs:\n      - targets: ['{}']\n",
-            workspace_root().display(),
+            rules.display(),
             demo.addr
         ),
     );

@@ -175,6 +175,21 @@ pub fn require_tool(tool: &str, package: &str) -> Option<PathBuf> {
     found
 }
 
+/// The alert rules as `alerts/generate_rules.py` writes them with `settings` (`--name value`
+/// pairs: compressed windows, a 1 s group interval), into `dir`; returns the file.
+pub fn generated_rules(dir: &TempDir, settings: &[&str]) -> PathBuf {
+    let output = dir.path().join("memory.rules.yml");
+    let status = Command::new("python3")
+        .arg(workspace_root().join("alerts/generate_rules.py"))
+        .arg("--output")
+        .arg(&output)
+        .args(settings)
+        .status()
+        .expect("python3 runs alerts/generate_rules.py (apt-get install python3-yaml)");
+    assert!(status.success(), "generate_rules.py {settings:?} failed");
+    output
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
