@@ -30,11 +30,13 @@ impl Stack {
     /// Estimated real objects and bytes, unbiased for sampling as jeprof's `AdjustSamples` does:
     /// an allocation of average size `s` is sampled with probability `1 - e^(-s/period)`.
     pub fn unbiased(&self, period: u64) -> (f64, f64) {
-        if self.objects == 0 || period == 0 {
+        // No bytes (a malformed dump: the fuzzer found one) would scale by 1/0.
+        if self.objects == 0 || self.bytes == 0 || period == 0 {
             return (self.objects as f64, self.bytes as f64);
         }
         let average = self.bytes as f64 / self.objects as f64;
-        let scale = 1.0 / (1.0 - (-average / period as f64).exp());
+        // 1 - e^-x, accurate (and non-zero) for the tiny x of small blocks and long periods.
+        let scale = 1.0 / -(-average / period as f64).exp_m1();
         (self.objects as f64 * scale, self.bytes as f64 * scale)
     }
 }
