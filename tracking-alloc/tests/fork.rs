@@ -4,7 +4,7 @@
 #![cfg(unix)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -72,12 +72,18 @@ fn wait(pid: libc::pid_t) -> Result<i32, String> {
 #[test]
 fn a_child_forked_while_threads_hold_the_locks_can_take_them() {
     let stop = Arc::new(AtomicBool::new(false));
+    // Forks start once every busy thread is in its loop: installing a subscriber takes
+    // tracing-core's own dispatcher lock, which is not ours to hold across fork (a child forked
+    // during that start-up can hang in its own subscriber's registration).
+    let started = Arc::new(Barrier::new(4));
     let busy: Vec<_> = (0..3)
         .map(|role| {
-            let stop = Arc::clone(&stop);
+            let (stop, started) = (Arc::clone(&stop), Arc::clone(&started));
             thread::spawn(move || {
                 let subscriber = tracing_subscriber::registry().with(MemoryScopeLayer::new());
                 let _default = tracing::subscriber::set_default(subscriber);
+                drop(tracing::info_span!("busy_span")); // registers the callsite
+                started.wait();
                 let mut i = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     match role {
@@ -92,6 +98,7 @@ fn a_child_forked_while_threads_hold_the_locks_can_take_them() {
             })
         })
         .collect();
+    started.wait();
     let mut failures = Vec::new();
     for _ in 0..FORKS {
         // SAFETY: the child only runs `child`, which ends in `_exit`.
