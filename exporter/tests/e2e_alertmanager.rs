@@ -5,13 +5,14 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use support::{
-    free_port, generated_rules, require_tool, workspace_root, Demo, Prometheus, TempDir,
+    free_port, generated_rules, require_tool, wait_until_listening, workspace_root, Demo,
+    Prometheus, TempDir,
 };
 
 /// A webhook receiver: every request body it gets, on a channel.
@@ -93,11 +94,9 @@ fn alertmanager(binary: &std::path::Path, hook: SocketAddr) -> Alertmanager {
         .stderr(std::fs::File::create(dir.path().join("alertmanager.log")).unwrap())
         .spawn()
         .expect("cannot start prometheus-alertmanager");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "alertmanager did not start");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_listening(addr, Duration::from_secs(30), "alertmanager", || {
+        std::fs::read_to_string(dir.path().join("alertmanager.log")).unwrap_or_default()
+    });
     Alertmanager {
         child,
         addr,

@@ -318,6 +318,21 @@ impl Drop for Demo {
     }
 }
 
+/// Waits until a server started as a child process listens on `addr`; after `timeout`,
+/// panics with `what` and its log.
+pub fn wait_until_listening(
+    addr: SocketAddr,
+    timeout: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start: {}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A real Prometheus server scraping `targets` every second, killed on drop.
 pub struct Prometheus {
     child: Child,
@@ -351,15 +366,9 @@ impl Prometheus {
             addr,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "prometheus did not start: {}",
-                prometheus.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_until_listening(addr, Duration::from_secs(60), "prometheus", || {
+            prometheus.log()
+        });
         prometheus
     }
 
