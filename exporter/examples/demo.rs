@@ -143,10 +143,13 @@ mod either_mode {
 }
 
 /// jemalloc's default options, embedded so heap profiles work with no environment variable:
-/// sampling on, one sample per 512 KiB allocated on average. `_RJEM_MALLOC_CONF` overrides it
-/// (`_RJEM_MALLOC_CONF=prof:false` turns profiling off).
+/// sampling on, one sample per 512 KiB allocated on average, and cumulative counts per call
+/// stack (`prof_accum`: the profiles' `alloc_space`, what Pyroscope's and Parca's allocation
+/// views show). `_RJEM_MALLOC_CONF` overrides it (`_RJEM_MALLOC_CONF=prof:false` turns
+/// profiling off).
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static MALLOC_CONF: &[u8; 45] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
+pub static MALLOC_CONF: &[u8; 61] =
+    b"prof:true,prof_active:true,lg_prof_sample:19,prof_accum:true\0";
 
 const USAGE: &str = "\
 usage: demo [OPTIONS]
@@ -159,8 +162,10 @@ usage: demo [OPTIONS]
   --batch-every SECS      seconds between batch jobs (default 30)
   --batch-bytes BYTES     memory one batch job holds at its peak (default 67108864)
   --no-debug-routes       do not serve /debug/* (heap profiles, dumps, release probes)
-  --debug-token TOKEN     require `Authorization: Bearer TOKEN` on /debug/*
-  --metrics-token TOKEN   require `Authorization: Bearer TOKEN` on /metrics
+  --debug-token TOKEN     require `Authorization: Bearer TOKEN` on /debug/* (repeat: any of them)
+  --debug-token-file PATH accept every token in PATH (one per line, re-read when it changes)
+  --metrics-token TOKEN   require `Authorization: Bearer TOKEN` on /metrics (repeatable)
+  --metrics-token-file PATH  the same for /metrics
   --dump-dir DIR          directory of stored heap dumps (default $TMPDIR/memory-exporter-dumps)
   --dump-max-count N      stored dumps kept (default 32)
   --auto-dump-growth BYTES  dump automatically when jemalloc allocated grows by BYTES (default off)
@@ -177,8 +182,10 @@ struct Options {
     batch_every: Duration,
     batch_bytes: usize,
     debug_routes: bool,
-    debug_token: Option<String>,
-    metrics_token: Option<String>,
+    debug_tokens: Vec<String>,
+    debug_token_files: Vec<String>,
+    metrics_tokens: Vec<String>,
+    metrics_token_files: Vec<String>,
     dump_dir: Option<String>,
     dump_max_count: usize,
     auto_dump_growth: Option<u64>,
@@ -195,8 +202,10 @@ fn parse_options() -> Result<Options, String> {
         batch_every: Duration::from_secs(30),
         batch_bytes: 64 << 20,
         debug_routes: true,
-        debug_token: None,
-        metrics_token: None,
+        debug_tokens: Vec::new(),
+        debug_token_files: Vec::new(),
+        metrics_tokens: Vec::new(),
+        metrics_token_files: Vec::new(),
         dump_dir: None,
         dump_max_count: 32,
         auto_dump_growth: None,
@@ -240,8 +249,10 @@ fn parse_options() -> Result<Options, String> {
             "--batch-bytes" => {
                 options.batch_bytes = value.parse().map_err(|_| bad("a number of bytes"))?
             }
-            "--debug-token" => options.debug_token = Some(value),
-            "--metrics-token" => options.metrics_token = Some(value),
+            "--debug-token" => options.debug_tokens.push(value),
+            "--debug-token-file" => options.debug_token_files.push(value),
+            "--metrics-token" => options.metrics_tokens.push(value),
+            "--metrics-token-file" => options.metrics_token_files.push(value),
             "--dump-dir" => options.dump_dir = Some(value),
             "--dump-max-count" => {
                 options.dump_max_count = value.parse().map_err(|_| bad("a number"))?
@@ -289,11 +300,17 @@ fn main() {
             max_count: options.dump_max_count,
             ..exporter::DumpLimits::default()
         });
-    if let Some(token) = &options.debug_token {
+    for token in &options.debug_tokens {
         builder = builder.debug_token(token);
     }
-    if let Some(token) = &options.metrics_token {
+    for file in &options.debug_token_files {
+        builder = builder.debug_token_file(file);
+    }
+    for token in &options.metrics_tokens {
         builder = builder.metrics_token(token);
+    }
+    for file in &options.metrics_token_files {
+        builder = builder.metrics_token_file(file);
     }
     if let Some(dir) = &options.dump_dir {
         builder = builder.dump_dir(dir);

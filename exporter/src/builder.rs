@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracking_alloc::prelude::*;
 
+use crate::auth::Tokens;
 use crate::collectors::{register_all, ExporterMetrics, StatsCache};
 use crate::profiling::{AutoDump, DumpLimits, Profiler, ProfilingConfig};
 use crate::server::{self, ExporterService, Limits, ServerState};
@@ -20,6 +21,19 @@ pub const DEFAULT_LISTEN: SocketAddr =
 /// Default interval between jemalloc epoch advances.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Where the tokens of one group of routes come from, until `start` reads them.
+#[derive(Debug, Clone, Default)]
+struct TokenSources {
+    literal: Vec<String>,
+    files: Vec<std::path::PathBuf>,
+}
+
+impl TokenSources {
+    fn read(self) -> Result<Tokens, Error> {
+        Tokens::new(self.literal, self.files)
+    }
+}
+
 /// Configures and starts the exporter. Created by [`crate::Exporter::builder`].
 #[derive(Debug, Clone)]
 pub struct ExporterBuilder {
@@ -29,8 +43,8 @@ pub struct ExporterBuilder {
     limits: Limits,
     debug_routes: bool,
     profiling: ProfilingConfig,
-    debug_token: Option<String>,
-    metrics_token: Option<String>,
+    debug_tokens: TokenSources,
+    metrics_tokens: TokenSources,
     /// Whether `start` binds a listener of its own (`without_server` turns it off).
     own_server: bool,
     /// Whether each refresh also sets the metrics through the `metrics` facade.
@@ -47,8 +61,8 @@ impl Default for ExporterBuilder {
             limits: Limits::default(),
             debug_routes: false,
             profiling: ProfilingConfig::default(),
-            debug_token: None,
-            metrics_token: None,
+            debug_tokens: TokenSources::default(),
+            metrics_tokens: TokenSources::default(),
             own_server: true,
             #[cfg(feature = "metrics")]
             facade: false,
@@ -96,15 +110,33 @@ impl ExporterBuilder {
         self
     }
 
-    /// Requires `Authorization: Bearer <token>` on every `/debug/*` request.
+    /// Requires `Authorization: Bearer <token>` on every `/debug/*` request. Call it again, or
+    /// add [`debug_token_file`](Self::debug_token_file)s, to accept several tokens (a
+    /// profiler's and an operator's); any one of them is let in. An empty token is ignored.
     pub fn debug_token(mut self, token: impl Into<String>) -> Self {
-        self.debug_token = Some(token.into()).filter(|t| !t.is_empty());
+        self.debug_tokens.literal.push(token.into());
         self
     }
 
-    /// Requires `Authorization: Bearer <token>` on `/metrics` (Prometheus: `authorization`).
+    /// Accepts on `/debug/*` every token in this file (one per line), read at start and again
+    /// when the file changes: a Kubernetes Secret mounted into the pod, rotated without a
+    /// restart. A missing or empty file makes [`start`](Self::start) fail.
+    pub fn debug_token_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.debug_tokens.files.push(path.into());
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on `/metrics` (Prometheus: `authorization`);
+    /// several calls accept several tokens, as for [`debug_token`](Self::debug_token).
     pub fn metrics_token(mut self, token: impl Into<String>) -> Self {
-        self.metrics_token = Some(token.into()).filter(|t| !t.is_empty());
+        self.metrics_tokens.literal.push(token.into());
+        self
+    }
+
+    /// Accepts on `/metrics` every token in this file, as
+    /// [`debug_token_file`](Self::debug_token_file) does for `/debug/*`.
+    pub fn metrics_token_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.metrics_tokens.files.push(path.into());
         self
     }
 
@@ -167,6 +199,8 @@ impl ExporterBuilder {
             None
         };
         let local_addr = listener.as_ref().map_or(NO_ADDRESS, |(_, addr)| *addr);
+        let debug_tokens = self.debug_tokens.read()?;
+        let metrics_tokens = self.metrics_tokens.read()?;
 
         if let Some(warning) = tracking_alloc::tracking_warning() {
             tracing::warn!("memory exporter: {warning}");
@@ -196,8 +230,8 @@ impl ExporterBuilder {
             health: health.clone(),
             limits: self.limits,
             profiler: profiler.clone(),
-            debug_token: self.debug_token,
-            metrics_token: self.metrics_token,
+            debug_tokens,
+            metrics_tokens,
         }));
 
         let refresher = Refresher {

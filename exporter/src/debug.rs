@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::params::Query;
 use crate::profiling::operations::{self, HeapRequest};
-use crate::profiling::{Format, ProfileError, Profiler};
+use crate::profiling::{Format, ProfileError, Profiler, SampleType};
 use crate::release;
 use crate::server::{text, Body};
 
@@ -57,10 +57,11 @@ fn format_of(query: &Query) -> Result<Format, ProfileError> {
     query.get("format").map_or(Ok(Format::Pprof), Format::parse)
 }
 
-/// `GET /debug/pprof/heap[?format=..][&seconds=N][&base=ID]`.
+/// `GET /debug/pprof/heap|allocs[?format=..][&seconds=N][&base=ID]`.
 pub(crate) async fn heap(
     profiler: Arc<Profiler>,
     query: Query,
+    shown: SampleType,
 ) -> Result<Response<Body>, ProfileError> {
     let request = HeapRequest {
         format: format_of(&query)?,
@@ -69,6 +70,7 @@ pub(crate) async fn heap(
             .map(|s| profiler.parse_seconds(s))
             .transpose()?,
         base: query.get("base").map(str::to_owned),
+        shown,
     };
     operations::heap(profiler, request).await.map(rendered)
 }

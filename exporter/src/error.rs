@@ -14,6 +14,11 @@ pub enum Error {
     Runtime(std::io::Error),
     /// A collector could not be registered (usually: a metric name already registered).
     Register(prometheus::Error),
+    /// A token file could not be read or holds no token.
+    TokenFile {
+        path: std::path::PathBuf,
+        problem: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -41,6 +46,13 @@ impl fmt::Display for Error {
                 "cannot register the exporter's collectors: {source}. A registry passed with \
                  `.registry(..)` must not already contain jemalloc_*, memory_* or process_* metrics"
             ),
+            Error::TokenFile { path, problem } => write!(
+                f,
+                "cannot use the token file {}: {problem}. Give a readable file with one token per \
+                 line (in Kubernetes, mount the Secret that holds the scraper's token), or pass \
+                 the token itself with `.debug_token(..)` / `.metrics_token(..)`",
+                path.display()
+            ),
         }
     }
 }
@@ -50,6 +62,7 @@ impl std::error::Error for Error {
         match self {
             Error::Bind { source, .. } | Error::Runtime(source) => Some(source),
             Error::Register(source) => Some(source),
+            Error::TokenFile { .. } => None,
         }
     }
 }

@@ -27,6 +27,7 @@
 //! - `server` moves them over HTTP (hyper 1), with limits and graceful shutdown, started by
 //!   [`ExporterBuilder::start`] together with the background refresh task.
 
+mod auth;
 mod builder;
 pub mod collectors;
 mod debug;

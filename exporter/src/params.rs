@@ -23,12 +23,17 @@ impl Query {
                     }
                 )));
             }
-            if params.iter().any(|(k, _): &(String, String)| *k == key) {
-                return Err(ProfileError::BadRequest(format!(
-                    "parameter {key:?} given twice"
-                )));
+            // The same value twice is tolerated: Parca and Alloy append `seconds=` to a
+            // configured parameter list they share between targets.
+            match params.iter().find(|(k, _): &&(String, String)| *k == key) {
+                Some((_, first)) if *first == value => {}
+                Some(_) => {
+                    return Err(ProfileError::BadRequest(format!(
+                        "parameter {key:?} given twice with different values"
+                    )))
+                }
+                None => params.push((key, value)),
             }
-            params.push((key, value));
         }
         Ok(Query(params))
     }
@@ -94,5 +99,7 @@ mod tests {
             assert!(Query::parse(Some(bad), &["format"]).is_err(), "{bad}");
         }
         assert!(Query::parse(None, &[]).unwrap().get("x").is_none());
+        let repeated = Query::parse(Some("seconds=14&seconds=14"), &["seconds"]).unwrap();
+        assert_eq!(repeated.get("seconds"), Some("14"));
     }
 }

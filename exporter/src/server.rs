@@ -25,10 +25,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracking_alloc::prelude::*;
 
+use crate::auth::Tokens;
 use crate::collectors::ExporterMetrics;
 use crate::debug;
 use crate::params::Query;
-use crate::profiling::{ProfileError, Profiler};
+use crate::profiling::{ProfileError, Profiler, SampleType};
 
 pub(crate) type Body = Full<Bytes>;
 
@@ -62,17 +63,18 @@ pub(crate) struct ServerState {
     pub limits: Limits,
     /// Present when debug routes are enabled.
     pub profiler: Option<Arc<Profiler>>,
-    /// Bearer token required on `/debug/*`, if set.
-    pub debug_token: Option<String>,
-    /// Bearer token required on `/metrics`, if set.
-    pub metrics_token: Option<String>,
+    /// Bearer tokens accepted on `/debug/*` (none: no token required).
+    pub debug_tokens: Tokens,
+    /// Bearer tokens accepted on `/metrics` (none: no token required).
+    pub metrics_tokens: Tokens,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum Route {
     Index,
     Metrics,
-    Heap,
+    /// `/heap` and `/allocs`: the same profile, shown first as live or as allocated bytes.
+    Heap(SampleType),
     Activate,
     Deactivate,
     Status,
@@ -96,7 +98,7 @@ const GET_POST: &[Method] = &[Method::GET, Method::POST];
 const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/metrics", "Prometheus metrics (text format 0.0.4)"),
     ("GET", "/debug/pprof/heap", "live heap profile; ?format=pprof|jeprof|svg|collapsed, ?seconds=N (timed), ?base=ID (growth since a stored dump); ?gc= ignored"),
-    ("GET", "/debug/pprof/allocs", "the same as /debug/pprof/heap (Go's name; Parca's and Alloy's default memory path)"),
+    ("GET", "/debug/pprof/allocs", "the same profile, shown first as allocated bytes (alloc_space) where jemalloc keeps them (prof_accum:true); Parca's and Alloy's default memory path"),
     ("POST", "/debug/pprof/heap/activate", "start sampling allocations (prof.active=true)"),
     ("POST", "/debug/pprof/heap/deactivate", "stop sampling allocations (prof.active=false)"),
     ("GET", "/debug/pprof/status", "profiling state and stored dumps (JSON)"),
@@ -109,8 +111,10 @@ fn route(path: &str) -> Option<(Route, &'static [Method])> {
     Some(match path {
         "/" => (Route::Index, GET_HEAD),
         "/metrics" => (Route::Metrics, GET_HEAD),
-        // Go's name for the same profile; Parca's and Grafana Alloy's default memory path.
-        "/debug/pprof/heap" | "/debug/pprof/allocs" => (Route::Heap, GET),
+        "/debug/pprof/heap" => (Route::Heap(SampleType::Inuse), GET),
+        // Go's name for the same profile shown as allocated bytes; Parca's and Grafana
+        // Alloy's default memory path.
+        "/debug/pprof/allocs" => (Route::Heap(SampleType::Allocated), GET),
         "/debug/pprof/heap/activate" => (Route::Activate, POST),
         "/debug/pprof/heap/deactivate" => (Route::Deactivate, POST),
         "/debug/pprof/status" => (Route::Status, GET),
@@ -126,19 +130,14 @@ fn route(path: &str) -> Option<(Route, &'static [Method])> {
     })
 }
 
-/// Compares in time independent of where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn authorized(request: &Request<()>, token: Option<&str>) -> bool {
-    let Some(token) = token else { return true };
-    request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+fn authorized(request: &Request<()>, tokens: &Tokens) -> bool {
+    !tokens.required()
+        || request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| tokens.accepts(given.trim()))
 }
 
 fn unauthorized(what: &str) -> Response<Body> {
@@ -196,11 +195,11 @@ async fn handle(state: Arc<ServerState>, request: Request<()>) -> Response<Body>
         }
         return response;
     }
-    if route == Route::Metrics && !authorized(&request, state.metrics_token.as_deref()) {
+    if route == Route::Metrics && !authorized(&request, &state.metrics_tokens) {
         state.health.scrapes.with_label_values(&["401"]).inc();
         return unauthorized("/metrics");
     }
-    if route.is_debug() && !authorized(&request, state.debug_token.as_deref()) {
+    if route.is_debug() && !authorized(&request, &state.debug_tokens) {
         return unauthorized("/debug/*");
     }
     if request.method() == Method::POST && has_body(&request) {
@@ -241,11 +240,12 @@ async fn debug_route(
     let query = request.uri().query();
     let post = request.method() == Method::POST;
     match route {
-        Route::Heap => {
+        Route::Heap(shown) => {
             debug::heap(
                 profiler,
                 // `gc=` (Go runs a GC before the profile) is accepted and has nothing to do here.
                 Query::parse(query, &["format", "seconds", "base", "gc"])?,
+                shown,
             )
             .await
         }

@@ -187,6 +187,10 @@ fn effective_conf(background: bool) -> String {
             read_or::<usize>(key!("opt.lg_prof_sample"), 0)
         ));
         conf.push(format!(
+            "prof_accum:{}",
+            read_or::<bool>(key!("opt.prof_accum"), false)
+        ));
+        conf.push(format!(
             "lg_prof_interval:{}",
             read_or::<isize>(key!("opt.lg_prof_interval"), -1)
         ));

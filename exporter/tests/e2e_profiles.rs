@@ -19,7 +19,7 @@ fn pprof_top(go: &Path, profile: &[u8], dir: &TempDir, name: &str) -> String {
             "pprof",
             "-top",
             "-symbolize=none",
-            "-sample_index=space",
+            "-sample_index=inuse_space",
         ])
         .arg(&file)
         .env("HOME", dir.path())

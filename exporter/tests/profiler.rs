@@ -59,6 +59,7 @@ fn collapsed(profiler: &Arc<Profiler>, seconds: Option<u64>, base: Option<String
         format: Format::Collapsed,
         seconds,
         base,
+        shown: exporter::profiling::SampleType::Inuse,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let rendered = runtime

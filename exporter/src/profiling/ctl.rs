@@ -59,6 +59,11 @@ pub fn require_enabled() -> Result<bool, ProfileError> {
     }
 }
 
+/// Whether dumps carry cumulative counts per call stack (`prof_accum:true`, fixed at start).
+pub fn accumulating() -> bool {
+    read_bool(b"opt.prof_accum\0") == Some(true)
+}
+
 /// log2 of the average bytes between samples.
 pub fn lg_sample() -> u32 {
     // SAFETY: `prof.lg_sample` is a size_t.

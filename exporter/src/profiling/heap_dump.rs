@@ -3,9 +3,11 @@
 //!
 //! ```text
 //! heap_v2/524288                        <- sampling period: 2^lg_prof_sample bytes
-//!   t*: 28106: 56637512 [0: 0]          <- totals: objects: bytes
+//!   t*: 28106: 56637512 [0: 0]          <- totals: live objects: bytes [allocated ones]
 //! @ 0x55d6c0d1a2b3 0x55d6c0d19f00 ...   <- a call stack, innermost first
-//!   t*: 13: 6688 [0: 0]                 <- sampled live objects and bytes from that stack
+//!   t*: 13: 6688 [0: 0]                 <- sampled live objects and bytes from that stack, and
+//!                                          [in brackets] all it ever allocated, when jemalloc
+//!                                          runs with `prof_accum:true` (else `[0: 0]`)
 //!   t0: 13: 6688 [0: 0]                 <- per thread (ignored)
 //! MAPPED_LIBRARIES:
 //! <the process's /proc/self/maps>
@@ -17,28 +19,44 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
-/// One call stack and its sampled live objects and bytes.
-#[derive(Debug, Clone, PartialEq)]
+/// One call stack and its sampled live objects and bytes (and, with `prof_accum:true`, all
+/// objects and bytes it allocated since the process started, freed or not).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stack {
     /// Return addresses, innermost (the allocation) first.
     pub addrs: Vec<u64>,
     pub objects: u64,
     pub bytes: u64,
+    /// Cumulative sampled objects (0 without `prof_accum`).
+    pub allocated_objects: u64,
+    /// Cumulative sampled bytes (0 without `prof_accum`).
+    pub allocated_bytes: u64,
 }
 
 impl Stack {
-    /// Estimated real objects and bytes, unbiased for sampling as jeprof's `AdjustSamples` does:
-    /// an allocation of average size `s` is sampled with probability `1 - e^(-s/period)`.
+    /// Estimated real live objects and bytes, unbiased for sampling as jeprof's
+    /// `AdjustSamples` does: an allocation of average size `s` is sampled with probability
+    /// `1 - e^(-s/period)`.
     pub fn unbiased(&self, period: u64) -> (f64, f64) {
-        // No bytes (a malformed dump: the fuzzer found one) would scale by 1/0.
-        if self.objects == 0 || self.bytes == 0 || period == 0 {
-            return (self.objects as f64, self.bytes as f64);
-        }
-        let average = self.bytes as f64 / self.objects as f64;
-        // 1 - e^-x, accurate (and non-zero) for the tiny x of small blocks and long periods.
-        let scale = 1.0 / -(-average / period as f64).exp_m1();
-        (self.objects as f64 * scale, self.bytes as f64 * scale)
+        unbias(self.objects, self.bytes, period)
     }
+
+    /// Estimated real objects and bytes allocated in all (the `prof_accum` counts), unbiased
+    /// the same way.
+    pub fn unbiased_allocated(&self, period: u64) -> (f64, f64) {
+        unbias(self.allocated_objects, self.allocated_bytes, period)
+    }
+}
+
+fn unbias(objects: u64, bytes: u64, period: u64) -> (f64, f64) {
+    // No bytes (a malformed dump: the fuzzer found one) would scale by 1/0.
+    if objects == 0 || bytes == 0 || period == 0 {
+        return (objects as f64, bytes as f64);
+    }
+    let average = bytes as f64 / objects as f64;
+    // 1 - e^-x, accurate (and non-zero) for the tiny x of small blocks and long periods.
+    let scale = 1.0 / -(-average / period as f64).exp_m1();
+    (objects as f64 * scale, bytes as f64 * scale)
 }
 
 /// A parsed heap profile.
@@ -47,6 +65,9 @@ pub struct HeapProfile {
     /// Average bytes between samples.
     pub period: u64,
     pub stacks: Vec<Stack>,
+    /// Whether the stacks carry cumulative counts: jemalloc ran with `prof_accum:true` (its
+    /// totals line then has a non-zero bracket) and, for a diff, both sides did.
+    pub accumulated: bool,
     /// The `MAPPED_LIBRARIES:` section: the process's memory map when the dump was written.
     pub maps: String,
 }
@@ -61,13 +82,20 @@ impl std::fmt::Display for ParseError {
     }
 }
 
-fn counts(line: &str) -> Option<(u64, u64)> {
-    // "t*: 13: 6688 [0: 0]"
+/// Live objects and bytes, and the cumulative ones in brackets (`[0: 0]` when absent).
+fn counts(line: &str) -> Option<[u64; 4]> {
+    // "t*: 13: 6688 [20: 10240]"
     let rest = line.trim().strip_prefix("t*:")?;
-    let mut parts = rest.split([':', '[']).map(str::trim);
-    let objects = parts.next()?.parse().ok()?;
-    let bytes = parts.next()?.parse().ok()?;
-    Some((objects, bytes))
+    let (live, allocated) = rest.split_once('[').unwrap_or((rest, "0: 0]"));
+    let (objects, bytes) = live.split_once(':')?;
+    let (allocated_objects, allocated_bytes) = allocated.strip_suffix(']')?.split_once(':')?;
+    let number = |s: &str| s.trim().parse().ok();
+    Some([
+        number(objects)?,
+        number(bytes)?,
+        number(allocated_objects)?,
+        number(allocated_bytes)?,
+    ])
 }
 
 impl HeapProfile {
@@ -83,6 +111,7 @@ impl HeapProfile {
             .and_then(|p| p.trim().parse().ok())
             .ok_or_else(|| ParseError(format!("bad header {header:?}")))?;
         let mut stacks = Vec::new();
+        let mut accumulated = false;
         let mut current: Option<Vec<u64>> = None;
         for line in lines {
             if let Some(addrs) = line.strip_prefix('@') {
@@ -93,28 +122,37 @@ impl HeapProfile {
                     .map_err(|_| ParseError(format!("bad stack line {line:?}")))?;
                 current = Some(addrs);
             } else if line.trim_start().starts_with("t*:") {
-                let (objects, bytes) =
+                let [objects, bytes, allocated_objects, allocated_bytes] =
                     counts(line).ok_or_else(|| ParseError(format!("bad count line {line:?}")))?;
-                if let Some(addrs) = current.take() {
-                    stacks.push(Stack {
+                match current.take() {
+                    Some(addrs) => stacks.push(Stack {
                         addrs,
                         objects,
                         bytes,
-                    });
+                        allocated_objects,
+                        allocated_bytes,
+                    }),
+                    // The totals line, before the first stack.
+                    None if stacks.is_empty() => accumulated = allocated_bytes > 0,
+                    None => {}
                 }
             }
         }
         Ok(HeapProfile {
             period,
             stacks,
+            accumulated,
             maps,
         })
     }
 
-    /// What grew since `base`: per call stack, the objects and bytes this profile has beyond
-    /// `base`'s. Stacks that shrank or vanished are left out. A stack listed more than once (a
-    /// dump may, and the fuzzer found it) counts once, with its figures summed, on both sides.
+    /// What grew since `base`: per call stack, the live objects and bytes this profile has
+    /// beyond `base`'s and, with cumulative counts on both sides, what it allocated in between.
+    /// Stacks that neither grew nor allocated are left out; one that shrank but allocated
+    /// shows 0 live. A stack listed more than once (a dump may, and the fuzzer found it) counts
+    /// once, with its figures summed, on both sides.
     pub fn growth_since(&self, base: &HeapProfile) -> HeapProfile {
+        let accumulated = self.accumulated && base.accumulated;
         let before = summed_by_stack(&base.stacks);
         let now = summed_by_stack(&self.stacks);
         let mut seen = HashSet::new();
@@ -123,19 +161,32 @@ impl HeapProfile {
             .iter()
             .filter(|s| seen.insert(s.addrs.as_slice()))
             .filter_map(|s| {
-                let (objects, bytes) = now[s.addrs.as_slice()];
-                let (objects_before, bytes_before) =
-                    before.get(s.addrs.as_slice()).copied().unwrap_or((0, 0));
-                (bytes > bytes_before).then(|| Stack {
+                let [objects, bytes, allocated_objects, allocated_bytes] =
+                    now[s.addrs.as_slice()];
+                let [objects_before, bytes_before, allocated_objects_before, allocated_bytes_before] =
+                    before.get(s.addrs.as_slice()).copied().unwrap_or_default();
+                let grew = bytes > bytes_before;
+                let (allocated_objects, allocated_bytes) = if accumulated {
+                    (
+                        allocated_objects.saturating_sub(allocated_objects_before),
+                        allocated_bytes.saturating_sub(allocated_bytes_before),
+                    )
+                } else {
+                    (0, 0)
+                };
+                (grew || allocated_bytes > 0).then(|| Stack {
                     addrs: s.addrs.clone(),
-                    objects: objects.saturating_sub(objects_before),
-                    bytes: bytes - bytes_before,
+                    objects: if grew { objects.saturating_sub(objects_before) } else { 0 },
+                    bytes: bytes.saturating_sub(bytes_before),
+                    allocated_objects,
+                    allocated_bytes,
                 })
             })
             .collect();
         HeapProfile {
             period: self.period,
             stacks,
+            accumulated,
             maps: self.maps.clone(),
         }
     }
@@ -148,10 +199,7 @@ impl HeapProfile {
         for stack in &self.stacks {
             let (addrs, _scope) = super::scope_frames::split(&stack.addrs);
             match index.get(addrs) {
-                Some(&i) => {
-                    stacks[i].objects = stacks[i].objects.saturating_add(stack.objects);
-                    stacks[i].bytes = stacks[i].bytes.saturating_add(stack.bytes);
-                }
+                Some(&i) => stacks[i].add(stack),
                 None => {
                     index.insert(addrs, stacks.len());
                     stacks.push(Stack {
@@ -164,6 +212,7 @@ impl HeapProfile {
         HeapProfile {
             period: self.period,
             stacks,
+            accumulated: self.accumulated,
             maps: self.maps.clone(),
         }
     }
@@ -172,16 +221,15 @@ impl HeapProfile {
     /// pseudo-frames ([`HeapProfile::without_scope_frames`]).
     pub fn to_text(&self) -> String {
         let plain = self.without_scope_frames();
-        let (objects, bytes) = plain.stacks.iter().fold((0u64, 0u64), |(o, b), s| {
-            (o.saturating_add(s.objects), b.saturating_add(s.bytes))
-        });
-        let mut out = format!("heap_v2/{}\n  t*: {objects}: {bytes} [0: 0]\n", self.period);
+        let mut total = Stack::default();
+        plain.stacks.iter().for_each(|s| total.add(s));
+        let mut out = format!("heap_v2/{}\n  t*: {}\n", self.period, total.counts_text());
         for stack in &plain.stacks {
             out.push('@');
             for addr in &stack.addrs {
                 let _ = write!(out, " {addr:#x}");
             }
-            let _ = writeln!(out, "\n  t*: {}: {} [0: 0]", stack.objects, stack.bytes);
+            let _ = writeln!(out, "\n  t*: {}", stack.counts_text());
         }
         out.push_str("\nMAPPED_LIBRARIES:\n");
         out.push_str(&self.maps);
@@ -189,17 +237,42 @@ impl HeapProfile {
     }
 }
 
-/// Objects and bytes per distinct call stack (saturating sums of repeated stacks).
-fn summed_by_stack(stacks: &[Stack]) -> HashMap<&[u64], (u64, u64)> {
-    let mut sums: HashMap<&[u64], (u64, u64)> = HashMap::with_capacity(stacks.len());
-    for stack in stacks {
-        let sum = sums.entry(stack.addrs.as_slice()).or_default();
-        *sum = (
-            sum.0.saturating_add(stack.objects),
-            sum.1.saturating_add(stack.bytes),
-        );
+impl Stack {
+    /// Adds `other`'s counts (saturating).
+    fn add(&mut self, other: &Stack) {
+        self.objects = self.objects.saturating_add(other.objects);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.allocated_objects = self
+            .allocated_objects
+            .saturating_add(other.allocated_objects);
+        self.allocated_bytes = self.allocated_bytes.saturating_add(other.allocated_bytes);
     }
-    sums
+
+    fn counts(&self) -> [u64; 4] {
+        [
+            self.objects,
+            self.bytes,
+            self.allocated_objects,
+            self.allocated_bytes,
+        ]
+    }
+
+    /// `objects: bytes [allocated objects: allocated bytes]`, as jemalloc writes them.
+    fn counts_text(&self) -> String {
+        format!(
+            "{}: {} [{}: {}]",
+            self.objects, self.bytes, self.allocated_objects, self.allocated_bytes
+        )
+    }
+}
+
+/// Counts per distinct call stack (saturating sums of repeated stacks).
+fn summed_by_stack(stacks: &[Stack]) -> HashMap<&[u64], [u64; 4]> {
+    let mut sums: HashMap<&[u64], Stack> = HashMap::with_capacity(stacks.len());
+    for stack in stacks {
+        sums.entry(stack.addrs.as_slice()).or_default().add(stack);
+    }
+    sums.into_iter().map(|(k, v)| (k, v.counts())).collect()
 }
 
 #[cfg(test)]
@@ -241,6 +314,7 @@ mod tests {
             addrs: vec![0x99],
             objects: 1,
             bytes: 64,
+            ..Stack::default()
         });
         let growth = now.growth_since(&base);
         let got: Vec<_> = growth
@@ -251,6 +325,46 @@ mod tests {
         assert_eq!(got, [(0x10, 3, 3072), (0x99, 1, 64)]);
     }
 
+    /// The same dump from a process with `prof_accum:true`: stack 0x10 0x40 was freed since.
+    const ACCUMULATED: &str = "heap_v2/524288\n  t*: 2: 2048 [7: 7168]\n\
+        @ 0x10 0x20 0x30\n  t*: 2: 2048 [4: 4096]\n\
+        @ 0x10 0x40\n  t*: 0: 0 [3: 3072]\n";
+
+    #[test]
+    fn reads_cumulative_counts_when_jemalloc_keeps_them() {
+        let plain = HeapProfile::parse(DUMP).unwrap();
+        assert!(!plain.accumulated);
+        let profile = HeapProfile::parse(ACCUMULATED).unwrap();
+        assert!(profile.accumulated);
+        let counts: Vec<_> = profile.stacks.iter().map(Stack::counts).collect();
+        assert_eq!(counts, [[2, 2048, 4, 4096], [0, 0, 3, 3072]]);
+        assert_eq!(HeapProfile::parse(&profile.to_text()).unwrap(), profile);
+    }
+
+    #[test]
+    fn growth_with_cumulative_counts_includes_what_was_allocated_and_freed() {
+        let base = HeapProfile::parse(ACCUMULATED).unwrap();
+        let mut now = base.clone();
+        // 0x10 0x20 0x30 freed one and allocated two more; 0x10 0x40 allocated and freed one.
+        now.stacks[0] = Stack {
+            objects: 3,
+            bytes: 3072,
+            allocated_objects: 6,
+            allocated_bytes: 6144,
+            ..now.stacks[0].clone()
+        };
+        now.stacks[1].allocated_objects = 4;
+        now.stacks[1].allocated_bytes = 4096;
+        let growth = now.growth_since(&base);
+        assert!(growth.accumulated);
+        let counts: Vec<_> = growth.stacks.iter().map(Stack::counts).collect();
+        assert_eq!(counts, [[1, 1024, 2, 2048], [0, 0, 1, 1024]]);
+        assert!(now.growth_since(&now).stacks.is_empty());
+        // Against a dump without cumulative counts only live growth can be told.
+        let plain = HeapProfile::parse(DUMP).unwrap();
+        assert!(!now.growth_since(&plain).accumulated);
+    }
+
     #[test]
     fn unbiasing_matches_jeprof() {
         // One 512 KiB allocation at a 512 KiB period: scale 1/(1 - e^-1) ≈ 1.582.
@@ -258,6 +372,7 @@ mod tests {
             addrs: vec![1],
             objects: 1,
             bytes: 524288,
+            ..Stack::default()
         };
         let (objects, bytes) = stack.unbiased(524288);
         assert!((objects - 1.582).abs() < 0.001, "{objects}");
@@ -267,6 +382,7 @@ mod tests {
             addrs: vec![1],
             objects: 1,
             bytes: 64 << 20,
+            ..Stack::default()
         };
         assert!((big.unbiased(524288).1 - (64 << 20) as f64).abs() < 1.0);
     }

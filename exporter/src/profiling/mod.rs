@@ -132,6 +132,18 @@ impl Format {
     }
 }
 
+/// Which sample type a pprof profile shows first (its `default_sample_type`), as Go's routes
+/// do: `/debug/pprof/heap` live bytes, `/debug/pprof/allocs` allocated bytes where jemalloc
+/// keeps them (`prof_accum:true`), else live bytes too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SampleType {
+    /// `inuse_space`: bytes live now (or gained, in a diff).
+    #[default]
+    Inuse,
+    /// `alloc_space`: bytes allocated in all (or in the window, in a diff).
+    Allocated,
+}
+
 /// A rendered profile, ready to send.
 #[derive(Debug)]
 pub struct Rendered {
@@ -202,6 +214,8 @@ pub struct Status {
     pub profiling_active: bool,
     pub lg_sample: u32,
     pub sample_interval_bytes: u64,
+    /// `prof_accum:true`: profiles carry `alloc_objects`/`alloc_space` too.
+    pub cumulative_counts: bool,
     pub busy: bool,
     pub dump_dir: String,
     pub max_dumps: usize,
@@ -218,10 +232,18 @@ pub struct Profiler {
     config: ProfilingConfig,
     store: DumpStore,
     scratch: PathBuf,
-    /// Until when the running operation is expected to last, if one runs.
-    busy: Mutex<Option<Instant>>,
+    /// The running operation, if one runs.
+    busy: Mutex<Option<Running>>,
     dumps_total: IntCounterVec,
     auto: Mutex<auto::AutoState>,
+}
+
+/// What runs: until when it is expected to last, and whether it is a timed profile's window
+/// (which others do not wait for) or a short operation (which they do, briefly).
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    until: Instant,
+    window: bool,
 }
 
 /// Held while a profiling operation runs; frees the profiler when dropped.
@@ -272,10 +294,25 @@ impl Profiler {
         &self.config
     }
 
-    /// Claims the profiler for an operation expected to take `expected`, or answers 409.
+    /// Claims the profiler for a short operation expected to take `expected`, or answers 409.
     pub fn begin(&self, expected: Duration) -> Result<BusyGuard<'_>, ProfileError> {
+        self.claim(expected, false)
+    }
+
+    /// Claims the profiler for a timed profile's window (and its rendering), or answers 409.
+    pub fn begin_window(&self, expected: Duration) -> Result<BusyGuard<'_>, ProfileError> {
+        self.claim(expected, true)
+    }
+
+    /// Whether a short operation runs (one a new request may wait for), not a timed window.
+    pub fn running_short(&self) -> bool {
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.is_some_and(|running| !running.window)
+    }
+
+    fn claim(&self, expected: Duration, window: bool) -> Result<BusyGuard<'_>, ProfileError> {
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(until) = *busy {
+        if let Some(Running { until, .. }) = *busy {
             // The running operation's remaining time, rounded up to whole seconds.
             let left = until.saturating_duration_since(Instant::now());
             let retry_after = Duration::from_secs(left.as_millis().div_ceil(1000).max(1) as u64);
@@ -287,7 +324,10 @@ impl Profiler {
                 ),
             });
         }
-        *busy = Some(Instant::now() + expected);
+        *busy = Some(Running {
+            until: Instant::now() + expected,
+            window,
+        });
         Ok(BusyGuard(self))
     }
 
@@ -344,8 +384,15 @@ impl Profiler {
         Ok((info, profile))
     }
 
-    /// Renders `profile` in `format`. `what` names it in titles and file names.
-    pub fn render(&self, profile: &HeapProfile, format: Format, what: &str) -> Rendered {
+    /// Renders `profile` in `format`. `what` names it in titles and file names; `shown` is the
+    /// pprof default sample type.
+    pub fn render(
+        &self,
+        profile: &HeapProfile,
+        format: Format,
+        what: &str,
+        shown: SampleType,
+    ) -> Rendered {
         let mut symbols = Symbolizer::default();
         let title = format!(
             "{what}: live heap by call stack (pid {}, sampled every {} bytes)",
@@ -353,7 +400,7 @@ impl Profiler {
             profile.period
         );
         let body = match format {
-            Format::Pprof => pprof::encode(profile, &mut symbols, &title),
+            Format::Pprof => pprof::encode(profile, &mut symbols, &title, shown),
             Format::Jeprof => profile.to_text().into_bytes(),
             Format::Svg => render::flamegraph(profile, &mut symbols, &title),
             Format::Collapsed => render::collapsed(profile, &mut symbols).into_bytes(),
@@ -410,6 +457,7 @@ impl Profiler {
             profiling_active: active,
             lg_sample,
             sample_interval_bytes: if enabled { 1 << lg_sample } else { 0 },
+            cumulative_counts: enabled && ctl::accumulating(),
             busy: self
                 .busy
                 .lock()

@@ -4,9 +4,12 @@
 //! dump, diff, render), so handlers only translate HTTP.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{ctl, DumpInfo, Format, ProfileError, Profiler, Rendered, RestoreActive, Trigger};
+use super::{
+    ctl, BusyGuard, DumpInfo, Format, ProfileError, Profiler, Rendered, RestoreActive, SampleType,
+    Trigger,
+};
 
 /// What heap profile to take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,10 +19,42 @@ pub struct HeapRequest {
     pub seconds: Option<u64>,
     /// Growth since this stored dump.
     pub base: Option<String>,
+    /// What a pprof viewer shows first (`/allocs`: allocated bytes).
+    pub shown: SampleType,
 }
 
 /// How long rendering a profile may take beyond its window, for `Retry-After`.
 const RENDER_ALLOWANCE: Duration = Duration::from_secs(1);
+
+/// How long a request waits for a running short operation (a profile without a window, a
+/// dump, a release probe) before answering 409, so two scrapers whose requests overlap both
+/// get their profile. A timed profile's window is never waited for: 409 at once.
+const WAIT_FOR_SHORT: Duration = Duration::from_secs(5);
+
+/// Claims the profiler (see [`Profiler::begin`]), waiting up to [`WAIT_FOR_SHORT`] while a
+/// short operation runs.
+async fn claim(
+    profiler: &Profiler,
+    expected: Duration,
+    window: bool,
+) -> Result<BusyGuard<'_>, ProfileError> {
+    let deadline = Instant::now() + WAIT_FOR_SHORT;
+    loop {
+        let claimed = if window {
+            profiler.begin_window(expected)
+        } else {
+            profiler.begin(expected)
+        };
+        match claimed {
+            Err(ProfileError::Busy { .. })
+                if profiler.running_short() && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            claimed => return claimed,
+        }
+    }
+}
 
 /// Runs `work` on a blocking thread, charged to the `exporter` scope; a panic there becomes an
 /// internal error, never a crash.
@@ -43,6 +78,7 @@ pub async fn heap(profiler: Arc<Profiler>, request: HeapRequest) -> Result<Rende
         format,
         seconds,
         base,
+        shown,
     } = request;
     if let (Some(_), Some(_)) = (seconds, &base) {
         return Err(ProfileError::BadRequest(
@@ -50,7 +86,7 @@ pub async fn heap(profiler: Arc<Profiler>, request: HeapRequest) -> Result<Rende
         ));
     }
     let window = Duration::from_secs(seconds.unwrap_or(0));
-    let _busy = profiler.begin(window + RENDER_ALLOWANCE)?;
+    let _busy = claim(&profiler, window + RENDER_ALLOWANCE, seconds.is_some()).await?;
     let p = profiler.clone();
     match seconds {
         Some(seconds) => {
@@ -65,7 +101,7 @@ pub async fn heap(profiler: Arc<Profiler>, request: HeapRequest) -> Result<Rende
             let p = profiler.clone();
             blocking(move || {
                 let growth = end.growth_since(&start);
-                Ok(p.render(&growth, format, &format!("heap-{seconds}s")))
+                Ok(p.render(&growth, format, &format!("heap-{seconds}s"), shown))
             })
             .await
         }
@@ -76,9 +112,9 @@ pub async fn heap(profiler: Arc<Profiler>, request: HeapRequest) -> Result<Rende
                     Some(id) => {
                         let (info, base) = p.base(&id)?;
                         let what = format!("heap-since-{}", info.id);
-                        Ok(p.render(&now.growth_since(&base), format, &what))
+                        Ok(p.render(&now.growth_since(&base), format, &what, shown))
                     }
-                    None => Ok(p.render(&now, format, "heap")),
+                    None => Ok(p.render(&now, format, "heap", shown)),
                 }
             })
             .await
@@ -89,7 +125,7 @@ pub async fn heap(profiler: Arc<Profiler>, request: HeapRequest) -> Result<Rende
 /// Stores a dump in the ring now.
 pub async fn store(profiler: Arc<Profiler>) -> Result<DumpInfo, ProfileError> {
     ctl::require_enabled()?;
-    let _busy = profiler.begin(Duration::from_secs(30))?;
+    let _busy = claim(&profiler, Duration::from_secs(3), false).await?;
     let p = profiler.clone();
     blocking(move || p.store_dump(Trigger::Manual)).await
 }
@@ -102,7 +138,8 @@ pub async fn stored(
 ) -> Result<Rendered, ProfileError> {
     blocking(move || {
         let (info, profile) = profiler.stored(&id)?;
-        Ok(profiler.render(&profile, format, &format!("heap-{}", info.id)))
+        let what = format!("heap-{}", info.id);
+        Ok(profiler.render(&profile, format, &what, SampleType::Inuse))
     })
     .await
 }
@@ -113,6 +150,46 @@ pub async fn release(
     profiler: Arc<Profiler>,
     probe: Option<String>,
 ) -> Result<Vec<crate::release::Released>, ProfileError> {
-    let _busy = profiler.begin(Duration::from_secs(30))?;
+    let _busy = claim(&profiler, Duration::from_secs(3), false).await?;
     blocking(move || crate::release::run(probe.as_deref())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiling::ProfilingConfig;
+
+    #[test]
+    fn a_short_operation_is_waited_for_and_a_timed_window_is_not() {
+        let profiler = Profiler::new(
+            ProfilingConfig::default(),
+            crate::collectors::ExporterMetrics::new().prof_dumps,
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let short = profiler.begin(Duration::from_secs(1)).unwrap();
+            let finish_short = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                drop(short);
+            };
+            let (claimed, ()) = tokio::join!(
+                claim(&profiler, Duration::from_secs(1), false),
+                finish_short
+            );
+            assert!(claimed.is_ok(), "waited for the short operation");
+            drop(claimed);
+
+            let _window = profiler.begin_window(Duration::from_secs(10)).unwrap();
+            match claim(&profiler, Duration::from_secs(1), false).await {
+                Err(ProfileError::Busy { retry_after, .. }) => {
+                    assert_eq!(retry_after, Duration::from_secs(10))
+                }
+                Err(other) => panic!("expected 409 during a timed window, got {other:?}"),
+                Ok(_) => panic!("let in during a timed window"),
+            }
+        });
+    }
 }

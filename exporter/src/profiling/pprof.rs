@@ -9,6 +9,7 @@ use std::io::Write;
 use super::heap_dump::HeapProfile;
 use super::scope_frames;
 use super::symbols::{mappings, Symbolizer};
+use super::SampleType;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct Profile {
@@ -142,20 +143,32 @@ impl Strings {
     }
 }
 
-/// Encodes `heap` (sampled counts, unbiased here) as a gzipped pprof profile with two sample
-/// types, `objects`/`count` and `space`/`bytes`, symbolized in-process, each sample labelled
-/// with its owner's `scope` where the dump carries it (see `scope_frames`).
-pub fn encode(heap: &HeapProfile, symbols: &mut Symbolizer, comment: &str) -> Vec<u8> {
+/// Encodes `heap` (sampled counts, unbiased here) as a gzipped pprof profile with Go's sample
+/// types, so Pyroscope and Parca classify it as Go's heap profile
+/// (`memory:inuse_space:bytes:space:bytes`): `inuse_objects`/`count` and `inuse_space`/`bytes`,
+/// preceded, where jemalloc keeps cumulative counts (`prof_accum:true`), by `alloc_objects` and
+/// `alloc_space` in Go's order. `shown` picks the default sample type (Go's `/allocs` shows
+/// `alloc_space`, `/heap` `inuse_space`). Symbolized in-process; each sample labelled with its
+/// owner's `scope` where the dump carries it (see `scope_frames`).
+pub fn encode(
+    heap: &HeapProfile,
+    symbols: &mut Symbolizer,
+    comment: &str,
+    shown: SampleType,
+) -> Vec<u8> {
     let mut strings = Strings::default();
     strings.id("");
     let value_type = |strings: &mut Strings, kind: &str, unit: &str| ValueType {
         r#type: strings.id(kind),
         unit: strings.id(unit),
     };
-    let sample_type = vec![
-        value_type(&mut strings, "objects", "count"),
-        value_type(&mut strings, "space", "bytes"),
-    ];
+    let mut sample_type = Vec::new();
+    if heap.accumulated {
+        sample_type.push(value_type(&mut strings, "alloc_objects", "count"));
+        sample_type.push(value_type(&mut strings, "alloc_space", "bytes"));
+    }
+    sample_type.push(value_type(&mut strings, "inuse_objects", "count"));
+    sample_type.push(value_type(&mut strings, "inuse_space", "bytes"));
 
     let maps = mappings(&heap.maps);
     let mapping: Vec<Mapping> = maps
@@ -235,16 +248,25 @@ pub fn encode(heap: &HeapProfile, symbols: &mut Symbolizer, comment: &str) -> Ve
             };
             location_id.push(id);
         }
+        let mut value = Vec::with_capacity(sample_type.len());
+        if heap.accumulated {
+            let (objects, bytes) = stack.unbiased_allocated(heap.period);
+            value.extend([objects.round() as i64, bytes.round() as i64]);
+        }
         let (objects, bytes) = stack.unbiased(heap.period);
+        value.extend([objects.round() as i64, bytes.round() as i64]);
         sample.push(Sample {
             location_id,
-            value: vec![objects.round() as i64, bytes.round() as i64],
+            value,
             label,
         });
     }
 
     let period_type = Some(value_type(&mut strings, "space", "bytes"));
-    let default_sample_type = strings.id("space");
+    let default_sample_type = match shown {
+        SampleType::Allocated if heap.accumulated => strings.id("alloc_space"),
+        _ => strings.id("inuse_space"),
+    };
     let comment = vec![strings.id(comment)];
     let profile = Profile {
         sample_type,
