@@ -33,19 +33,35 @@ impl Response {
 
 /// Sends one HTTP/1.1 request (with `Connection: close`) and reads the whole response.
 pub fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Response {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    try_request(addr, method, target, headers, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+}
+
+/// One request with a client timeout, as a scraper sends it: an error instead of a panic.
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Response, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    parse_response(&raw, method == "HEAD")
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("no complete answer within {timeout:?}: {e}"))?;
+    Ok(parse_response(&raw, method == "HEAD"))
 }
 
 pub fn get(addr: SocketAddr, target: &str) -> Response {
@@ -173,6 +189,73 @@ pub fn require_tool(tool: &str, package: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED: {message}");
     }
     found
+}
+
+/// Go's own pprof parser (`github.com/google/pprof/profile`, what Parca's and Alloy's
+/// scrapers call) as a small program, `tests/pprof_inspect`, built once per test process over
+/// Debian's `golang-github-google-pprof-dev`. `None` (skip) when Go or the package is missing
+/// outside `CI=true`.
+pub struct GoPprof(PathBuf);
+
+/// Where Debian's golang-github-google-pprof-dev puts the package, as a GOPATH.
+const GOPATH: &str = "/usr/share/gocode";
+
+impl GoPprof {
+    pub fn build() -> Option<GoPprof> {
+        static BUILT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+        let go = require_tool("go", "golang-go")?;
+        if !Path::new(GOPATH)
+            .join("src/github.com/google/pprof/profile")
+            .is_dir()
+        {
+            let message =
+                "Go's pprof package is not installed: apt-get install golang-github-google-pprof-dev";
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "{message} (CI=true: end-to-end tests may not be skipped)"
+            );
+            eprintln!("SKIPPED: {message}");
+            return None;
+        }
+        let binary = BUILT.get_or_init(|| {
+            let out = std::env::temp_dir().join(format!("pprof_inspect-{}", std::process::id()));
+            let status = Command::new(go)
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg(".")
+                .current_dir(workspace_root().join("exporter/tests/pprof_inspect"))
+                .env("GO111MODULE", "off")
+                .env("GOPATH", GOPATH)
+                .status()
+                .expect("go build runs");
+            assert!(status.success(), "building tests/pprof_inspect failed");
+            Some(out)
+        });
+        binary.clone().map(GoPprof)
+    }
+
+    /// What Go's parser reads from each profile (see `tests/pprof_inspect/main.go`), or its
+    /// error for the first one it cannot parse.
+    pub fn inspect(&self, profiles: &[&[u8]]) -> Result<Vec<serde_json::Value>, String> {
+        let dir = TempDir::new("pprof-inspect");
+        let files: Vec<PathBuf> = profiles
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                let file = dir.path().join(format!("{i}.pb.gz"));
+                std::fs::write(&file, body).unwrap();
+                file
+            })
+            .collect();
+        let out = Command::new(&self.0).args(&files).output().unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect())
+    }
 }
 
 /// The alert rules as `alerts/generate_rules.py` writes them with `settings` (`--name value`
