@@ -97,7 +97,7 @@ fn profiles_are_read_by_go_tool_pprof_and_jeprof() {
     assert_eq!(heap.status, 200, "{}", heap.text());
     assert_eq!(&heap.body[..2], &[0x1f, 0x8b], "gzipped");
     let top = pprof_top(&go, &heap.body, &work, "heap.pb.gz");
-    assert!(top.contains("Type: space"), "{top}");
+    assert!(top.contains("Type: inuse_space"), "{top}");
     // Go's name for it, as Parca and Grafana Alloy request it by default (with gc=).
     let allocs = get(a, "/debug/pprof/allocs?gc=1");
     assert_eq!(allocs.status, 200, "{}", allocs.text());
