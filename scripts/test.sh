@@ -37,6 +37,12 @@ install_tools() {
     for tool in "${!needs[@]}"; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("${needs[$tool]}")
     done
+    # Go's own pprof parser (what Parca and Alloy call), built GOPATH-style by the tests;
+    # venv for deploy/'s validator (kubernetes-validate from PyPI); PyYAML for the generators.
+    [ -d /usr/share/gocode/src/github.com/google/pprof/profile ] ||
+        missing+=(golang-github-google-pprof-dev)
+    python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
+    python3 -c "import yaml" 2>/dev/null || missing+=(python3-yaml)
     [ ${#missing[@]} -eq 0 ] && return 0
     local packages
     packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
@@ -76,6 +82,7 @@ config_checks() {
     if compgen -G "alerts/*.rules.yml" >/dev/null; then
         python3 alerts/generate_rules.py --check || ok=1
         python3 alerts/generate_tests.py --check || ok=1
+        python3 grafana/generate.py --check || ok=1
         promtool check rules alerts/*.rules.yml || ok=1
         promtool test rules alerts/*.test.yml || ok=1
     fi
@@ -153,8 +160,20 @@ asan() {
         --test sampled --test thread_spawn --test null_inner --test alloc_model
 }
 step "AddressSanitizer on the allocator tests" asan
-step "bounded fuzzing (60 s per target)" scripts/fuzz.sh 60
+step "bounded fuzzing (45 s per target)" scripts/fuzz.sh 45
 step "promtool and docker-compose config checks" config_checks
+# deploy/: Kubernetes manifests against the API schemas (kubernetes-validate, strict), the
+# operator's objects and the Parca/Alloy configurations structurally, the demo run with the
+# Deployment's arguments.
+deploy_checks() {
+    local venv=target/venv
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -c "import kubernetes_validate" 2>/dev/null ||
+        "$venv/bin/pip" install --quiet "kubernetes-validate==1.37.0" "PyYAML>=6" || return 1
+    cargo build --release -p exporter --example demo &&
+        "$venv/bin/python" deploy/validate.py target/release/examples/demo
+}
+step "deploy/ manifests and configurations" deploy_checks
 step "README snippets compile in a fresh edition-2024 crate" python3 scripts/readme_snippets.py
 bench_smoke() {
     cargo bench -p alloc-bench --benches -- --test &&
