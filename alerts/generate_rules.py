@@ -93,6 +93,8 @@ def rules(s):
         {"record": "instance:jemalloc_allocated_bytes:floor_growth_per_hour", "expr": floor_growth("jemalloc_allocated_bytes")},
         {"record": "instance_scope:memory_scope_live_bytes:floor_growth_per_hour", "expr": floor_growth("memory_scope_live_bytes")},
         {"record": "instance_scope:memory_scope_live_bytes:deriv1h", "expr": "deriv(memory_scope_live_bytes[1h])"},
+        # Fleet-wide panels: one series per job and scope, however many pods.
+        {"record": "job_scope:memory_scope_live_bytes:sum", "expr": "sum by (job, scope) (memory_scope_live_bytes)"},
         {"record": "instance:memory_non_jemalloc_resident_bytes", "expr": "process_resident_memory_bytes - on (job, instance) jemalloc_resident_bytes"},
         {"record": "instance:memory_limit_bytes", "expr": "or\n".join(limit_sources)},
     ]
