@@ -29,16 +29,19 @@ struct TokenFile {
     state: Mutex<FileState>,
 }
 
+/// A file's modification time and length: a change of either re-reads it.
+type Version = (Option<SystemTime>, u64);
+
 #[derive(Debug)]
 struct FileState {
-    /// Modification time and length when last read: a change of either re-reads the file.
-    version: (Option<SystemTime>, u64),
+    /// The file's version when last read.
+    version: Version,
     checked: Instant,
     tokens: Vec<String>,
 }
 
 /// Every non-empty line of a token file is a token (surrounding whitespace removed).
-fn read_tokens(path: &Path) -> std::io::Result<((Option<SystemTime>, u64), Vec<String>)> {
+fn read_tokens(path: &Path) -> std::io::Result<(Version, Vec<String>)> {
     let metadata = std::fs::metadata(path)?;
     let text = std::fs::read_to_string(path)?;
     let tokens = text
