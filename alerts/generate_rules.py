@@ -28,6 +28,10 @@ SETTINGS = {
     # per-process threshold).
     "fleet_growth_mib_per_hour": 200,
     "growth_for": "30m",
+    # A daily cycle (busy by day, quiet at night) raises the floor every morning. Where the
+    # floor of this long ago exists, the growth alerts also need today's floor above it by
+    # half this period's growth at the threshold; a leak under the cycle still gets there.
+    "daily_cycle": "24h",
     # Keeps a growth alert firing through a short dip of the floor (a cache cleared while the
     # windows move), so it does not resolve and fire again.
     "keep_firing_for": "30m",
@@ -74,6 +78,19 @@ def rules(s):
             f"  - min_over_time({metric}[{window}] offset {window})) / {per_hour}\n"
         )
 
+    cycle = s["daily_cycle"]
+    cycle_growth = f"{threshold} * {seconds(cycle) / 7200:g}"
+
+    def beyond_daily_cycle(floor, by):
+        """Today's floor above the floor one cycle ago, or no floor that long ago (a young
+        series): a daily ramp rises as fast as a leak, but not from one day to the next."""
+        return (
+            f"and on ({by}) (\n"
+            f"  {floor} - {floor} offset {cycle} > {cycle_growth}\n"
+            f"  or {floor} unless {floor} offset {cycle}\n"
+            ")\n"
+        )
+
     def runbook(alert):
         return f"{s['runbook_base']}#{alert.lower()}"
 
@@ -90,6 +107,8 @@ def rules(s):
         )
     recording = [
         {"record": "instance:jemalloc_fragmentation:ratio", "expr": "jemalloc_resident_bytes / jemalloc_allocated_bytes"},
+        {"record": "instance:jemalloc_allocated_bytes:floor", "expr": f"min_over_time(jemalloc_allocated_bytes[{window}])"},
+        {"record": "instance_scope:memory_scope_live_bytes:floor", "expr": f"min_over_time(memory_scope_live_bytes[{window}])"},
         {"record": "instance:jemalloc_allocated_bytes:floor_growth_per_hour", "expr": floor_growth("jemalloc_allocated_bytes")},
         {"record": "instance_scope:memory_scope_live_bytes:floor_growth_per_hour", "expr": floor_growth("memory_scope_live_bytes")},
         {"record": "instance_scope:memory_scope_live_bytes:deriv1h", "expr": "deriv(memory_scope_live_bytes[1h])"},
@@ -107,7 +126,11 @@ def rules(s):
     alerts = [
         {
             "alert": "MemorySlowGrowth",
-            "expr": f"instance:jemalloc_allocated_bytes:floor_growth_per_hour > {threshold}\nunless on (job, instance) {young}\n",
+            "expr": (
+                f"instance:jemalloc_allocated_bytes:floor_growth_per_hour > {threshold}\n"
+                f"unless on (job, instance) {young}\n"
+                + beyond_daily_cycle("instance:jemalloc_allocated_bytes:floor", "job, instance")
+            ),
             "for": s["growth_for"],
             "keep_firing_for": s["keep_firing_for"],
             "labels": {"severity": "warning"},
@@ -125,7 +148,11 @@ def rules(s):
         },
         {
             "alert": "MemoryScopeSlowGrowth",
-            "expr": f"instance_scope:memory_scope_live_bytes:floor_growth_per_hour > {threshold}\nunless on (job, instance) {young}\n",
+            "expr": (
+                f"instance_scope:memory_scope_live_bytes:floor_growth_per_hour > {threshold}\n"
+                f"unless on (job, instance) {young}\n"
+                + beyond_daily_cycle("instance_scope:memory_scope_live_bytes:floor", "job, instance, scope")
+            ),
             "for": s["growth_for"],
             "keep_firing_for": s["keep_firing_for"],
             "labels": {"severity": "warning"},

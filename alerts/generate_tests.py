@@ -5,6 +5,7 @@ firing alert must carry. Deterministic (fixed seed); rerun after changing memory
 
     python3 alerts/generate_tests.py && promtool test rules alerts/memory.test.yml
 """
+import math
 import pathlib
 import random
 import re
@@ -69,6 +70,24 @@ def restart_with_warm_up(minutes=8 * 60):
 def levels_off(minutes=10 * 60):
     """+100 MiB/h for 4 h, then flat."""
     return per_minute(1024 * MiB + 100 * MiB * min(t, 240) / 60 for t in range(minutes + 1))
+
+
+def daily_ramp(leak_mib_per_hour=0, days=3):
+    """Busy by day, quiet at night: 1 GiB at 03:00 up to 2 GiB at 15:00 and back (its steepest
+    hour adds 134 MiB), plus an optional leak."""
+    return per_minute(
+        1024 * MiB + 512 * MiB * (1 - math.cos(2 * math.pi * t / 1440)) + leak_mib_per_hour * MiB * t / 60
+        for t in range(days * 1440 + 1)
+    )
+
+
+def noisy_scopes(count, minutes=8 * 60):
+    """`count` scopes that each hover around a level of their own, ±20 MiB, without trend."""
+    rng = random.Random(11)
+    return [
+        per_minute(level + rng.uniform(-20, 20) * MiB for _ in range(minutes + 1))
+        for level in (rng.uniform(16, 256) * MiB for _ in range(count))
+    ]
 
 
 def series(metric, labels, values):
@@ -240,6 +259,46 @@ def main():
             ],
             "alert_rule_test": [alert_case("28m", "MemoryExporterStale", [])],
             "promql_expr_test": [firing("MemoryExporterStale", "40m", [svc("stuck:9464")])],
+        },
+        {
+            # A daily traffic cycle rises as fast as a leak for hours each morning; only a leak
+            # under it also leaves today's floor above yesterday's. The first day has no
+            # yesterday to compare with (see MemorySlowGrowth in RUNBOOK.md).
+            "name": "a daily ramp does not fire from the second day on; a leak under it does",
+            "interval": "1m",
+            "input_series": [
+                series("jemalloc_allocated_bytes", svc("daily:9464"), daily_ramp()),
+                series("jemalloc_allocated_bytes", svc("daily-leak:9464"), daily_ramp(leak_mib_per_hour=100)),
+                *(started(svc(i)) for i in ("daily:9464", "daily-leak:9464")),
+            ],
+            # Mornings of the second and third day, while the ramp rises fastest.
+            "promql_expr_test": [
+                firing("MemorySlowGrowth", t, [svc("daily-leak:9464")])
+                for t in ("1d10h", "1d12h", "2d10h", "2d12h")
+            ],
+        },
+        {
+            # One scope leaks 100 MiB/h among 40 that hover; the process total grows too.
+            # One scope alert (and the process alert, which Alertmanager's inhibition holds back
+            # while the scope alert fires: alerts/alertmanager.yml).
+            "name": "one leaking scope among 40 noisy ones is the only scope alert",
+            "interval": "1m",
+            "input_series": [
+                series("memory_scope_live_bytes", svc("a:9464", scope="sessions"), growth),
+                *(
+                    series("memory_scope_live_bytes", svc("a:9464", scope=f"noisy-{i}"), values)
+                    for i, values in enumerate(noisy_scopes(40, MINUTES))
+                ),
+                started(svc("a:9464")),
+            ],
+            "alert_rule_test": [
+                alert_case("3h40m", "MemoryScopeSlowGrowth", [
+                    expected_alert("MemoryScopeSlowGrowth", svc("a:9464", scope="sessions"), "100Mi")
+                ]),
+            ],
+            "promql_expr_test": [
+                firing("MemoryScopeSlowGrowth", "6h", [svc("a:9464", scope="sessions")]),
+            ],
         },
         {
             "name": "a restart (dip, warm-up) does not fire",
