@@ -206,7 +206,7 @@ OVERVIEW = [
           "automatic growth trigger) and result. Errors mean the dump directory is missing, full or "
           "read-only.", "short",
           [q(f"sum by (trigger, result) (increase(jemalloc_prof_dumps_total{{{SEL}}}[24h]))",
-             "{{trigger}} {{result}}")], w=6, h=5),
+             "{{trigger}} {{result}}", instant=True)], w=6, h=5),
     panel("stat", "Profiling",
           "1 when heap profiling is enabled at start-up (prof:true) and when it is sampling now "
           "(prof.active). Profiles over HTTP need both.", "bool",
@@ -241,17 +241,21 @@ SCOPES = [
           "The ten scopes holding the most memory at the end of the range.", "bytes",
           [q(f"topk(10, sum by (scope) (memory_scope_live_bytes{{{SCOPE_SEL}}}))", "{{scope}}", instant=True)],
           w=8),
-    *[panel("timeseries", f"Growth per scope, bytes per hour ({window} slope)",
-            f"Slope of live bytes over the last {window} (linear regression), in bytes per hour; the "
-            "dashed line is the growth alerts' threshold (50 MiB/h). A cache that fills and is "
-            "cleared averages out over windows longer than its cycle; a leak stays positive at every "
-            "window." + note, "bytes",
-            [q(f"sum by (scope) ({expr}) * 3600", "{{scope}}")], w=12,
-            red_above=GROWTH_ALERT_BYTES_PER_HOUR)
-      for window, expr, note in (
-          ("1h", f"instance_scope:memory_scope_live_bytes:deriv1h{{{SCOPE_SEL}}}",
-           " From the recording rule, so it costs one sample per series and step."),
-          ("6h", f"deriv(memory_scope_live_bytes{{{SCOPE_SEL}}}[6h])", ""))],
+    panel("timeseries", "Growth per scope, bytes per hour (1h slope)",
+          "Slope of live bytes over the last hour (linear regression), in bytes per hour; the dashed "
+          "line is the growth alerts' threshold (50 MiB/h). Reacts within the hour, but a cache "
+          "that fills and is cleared swings it both ways. From the recording rule, so it costs one "
+          "sample per series and step.", "bytes",
+          [q(f"sum by (scope) (instance_scope:memory_scope_live_bytes:deriv1h{{{SCOPE_SEL}}}) * 3600",
+             "{{scope}}")], w=12, red_above=GROWTH_ALERT_BYTES_PER_HOUR),
+    panel("timeseries", "Floor growth per scope, bytes per hour (what the alerts measure)",
+          "How fast the floor (the lowest point of the last 90 min) of each scope's live bytes "
+          "rises, in bytes per hour: what MemoryScopeSlowGrowth fires on above the dashed line. A "
+          "cache cleared every cycle keeps a flat floor; a leak raises it. From the recording rule "
+          "(one sample per series and step; a regression over hours would read them all).",
+          "bytes",
+          [q(f"sum by (scope) (instance_scope:memory_scope_live_bytes:floor_growth_per_hour{{{SCOPE_SEL}}})",
+             "{{scope}}")], w=12, red_above=GROWTH_ALERT_BYTES_PER_HOUR),
     panel("timeseries", "Allocation rate (bytes/s)",
           "Bytes allocated per second by each scope: churn, not growth. High churn with flat live "
           "bytes is CPU cost, not a leak.", "binBps",

@@ -174,6 +174,9 @@ deploy_checks() {
         "$venv/bin/python" deploy/validate.py target/release/examples/demo
 }
 step "deploy/ manifests and configurations" deploy_checks
+# Every dashboard query on a backfilled synthetic fleet (20 instances x 32 scopes x 13 h): fails
+# if one reads more than 6 samples per series and step (BENCHMARKS.md has a larger fleet).
+step "dashboard query cost on a synthetic fleet" python3 grafana/query_cost.py
 step "README snippets compile in a fresh edition-2024 crate" python3 scripts/readme_snippets.py
 bench_smoke() {
     cargo bench -p alloc-bench --benches -- --test &&
