@@ -332,6 +332,9 @@ fn main() {
         }
     };
     let addr = exporter.local_addr();
+    if options.debug_routes {
+        println!("memory console (open in a browser): http://{addr}/debug/memory");
+    }
     println!(
         "demo service running ({} tracking); memory metrics at:",
         GLOBAL.mode()

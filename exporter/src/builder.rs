@@ -10,6 +10,7 @@ use tracking_alloc::prelude::*;
 
 use crate::auth::Tokens;
 use crate::collectors::{register_all, ExporterMetrics, StatsCache};
+use crate::console::History;
 use crate::profiling::{AutoDump, DumpLimits, Profiler, ProfilingConfig};
 use crate::server::{self, ExporterService, Limits, ServerState};
 use crate::Error;
@@ -224,18 +225,21 @@ impl ExporterBuilder {
         let profiler = self
             .debug_routes
             .then(|| Profiler::new(profiling, health.prof_dumps.clone()).shared());
+        let history = Arc::new(History::default());
         let service = ExporterService::new(Arc::new(ServerState {
             registries,
             cache: cache.clone(),
             health: health.clone(),
             limits: self.limits,
             profiler: profiler.clone(),
+            history: history.clone(),
             debug_tokens,
             metrics_tokens,
         }));
 
         let refresher = Refresher {
             cache,
+            history: self.debug_routes.then(|| history.clone()),
             health,
             profiler,
             #[cfg(feature = "metrics")]
@@ -323,6 +327,8 @@ fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), Error> 
 #[derive(Clone)]
 struct Refresher {
     cache: StatsCache,
+    /// The console's history, kept when debug routes are on.
+    history: Option<Arc<History>>,
     health: ExporterMetrics,
     profiler: Option<Arc<Profiler>>,
     /// The registry to publish through the `metrics` facade, when asked to.
@@ -335,6 +341,9 @@ impl Refresher {
     fn once(&self) -> Result<(), crate::stats::ReadError> {
         let _g = Scope::named("exporter").enter();
         let result = self.health.refresh(&self.cache);
+        if let (Some(history), Ok(())) = (&self.history, &result) {
+            history.record(&self.cache.get());
+        }
         if let Some(Some(Err(e))) = self
             .profiler
             .as_ref()

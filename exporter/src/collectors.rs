@@ -320,7 +320,7 @@ const TRACKING_WARNING: Family = Family::gauge(
 );
 
 /// The `memory_tracking_info` labels of the running program.
-fn tracking_labels() -> [String; 3] {
+pub(crate) fn tracking_labels() -> [String; 3] {
     let placement = tracking_alloc::placement();
     let interval = tracking_alloc::sample_interval();
     let mode = match (interval, placement) {

@@ -27,9 +27,18 @@ pub(crate) fn error_response(error: &ProfileError) -> Response<Body> {
     response
 }
 
+/// Pretty-printed JSON, for people with curl.
 pub(crate) fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
-    let body = serde_json::to_vec_pretty(value)
-        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    json_body(status, serde_json::to_vec_pretty(value))
+}
+
+/// Compact JSON, for the console's refreshes (a third smaller with 1,024 scopes).
+pub(crate) fn json_compact(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    json_body(status, serde_json::to_vec(value))
+}
+
+fn json_body(status: StatusCode, body: serde_json::Result<Vec<u8>>) -> Response<Body> {
+    let body = body.unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

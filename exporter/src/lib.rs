@@ -30,6 +30,7 @@
 mod auth;
 mod builder;
 pub mod collectors;
+pub mod console;
 mod debug;
 mod error;
 #[cfg(feature = "metrics")]

@@ -27,6 +27,7 @@ use tracking_alloc::prelude::*;
 
 use crate::auth::Tokens;
 use crate::collectors::ExporterMetrics;
+use crate::console::{self, History};
 use crate::debug;
 use crate::params::Query;
 use crate::profiling::{ProfileError, Profiler, SampleType};
@@ -63,6 +64,8 @@ pub(crate) struct ServerState {
     pub limits: Limits,
     /// Present when debug routes are enabled.
     pub profiler: Option<Arc<Profiler>>,
+    /// The console's last hour, kept by the refresh task.
+    pub history: Arc<History>,
     /// Bearer tokens accepted on `/debug/*` (none: no token required).
     pub debug_tokens: Tokens,
     /// Bearer tokens accepted on `/metrics` (none: no token required).
@@ -81,11 +84,20 @@ enum Route {
     Dumps,
     Dump(String),
     Release,
+    /// The console page: a debug route, but served without a token (it carries no data and
+    /// asks for the token itself; a browser cannot send one when it opens a URL).
+    Console,
+    ConsoleOverview,
+    ConsoleScopes,
 }
 
 impl Route {
     fn is_debug(&self) -> bool {
         !matches!(self, Route::Index | Route::Metrics)
+    }
+
+    fn needs_token(&self) -> bool {
+        self.is_debug() && *self != Route::Console
     }
 }
 
@@ -105,6 +117,9 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET,POST", "/debug/pprof/dumps", "list stored dumps / take one now"),
     ("GET", "/debug/pprof/dumps/{id}", "a stored dump; ?format=pprof|jeprof|svg|collapsed"),
     ("POST", "/debug/memory/release", "run release probes and report the bytes freed; ?probe=NAME|all"),
+    ("GET", "/debug/memory", "the memory console: a page for browsers (asks for the token itself)"),
+    ("GET", "/debug/memory/overview", "JSON: jemalloc figures, RSS, tracking mode, profiling state, the last hour's chart points; ?since=MS"),
+    ("GET", "/debug/memory/scopes", "JSON: every scope's live bytes, change over 1/5/60 min, allocation rates, sparkline (?spark=0: without)"),
 ];
 
 fn route(path: &str) -> Option<(Route, &'static [Method])> {
@@ -120,6 +135,9 @@ fn route(path: &str) -> Option<(Route, &'static [Method])> {
         "/debug/pprof/status" => (Route::Status, GET),
         "/debug/pprof/dumps" => (Route::Dumps, GET_POST),
         "/debug/memory/release" => (Route::Release, POST),
+        "/debug/memory" => (Route::Console, GET_HEAD),
+        "/debug/memory/overview" => (Route::ConsoleOverview, GET),
+        "/debug/memory/scopes" => (Route::ConsoleScopes, GET),
         other => {
             let id = other.strip_prefix("/debug/pprof/dumps/")?;
             if id.is_empty() || id.contains('/') {
@@ -199,7 +217,7 @@ async fn handle(state: Arc<ServerState>, request: Request<()>) -> Response<Body>
         state.health.scrapes.with_label_values(&["401"]).inc();
         return unauthorized("/metrics");
     }
-    if route.is_debug() && !authorized(&request, &state.debug_tokens) {
+    if route.needs_token() && !authorized(&request, &state.debug_tokens) {
         return unauthorized("/debug/*");
     }
     if request.method() == Method::POST && has_body(&request) {
@@ -212,7 +230,7 @@ async fn handle(state: Arc<ServerState>, request: Request<()>) -> Response<Body>
     let mut response = match (route, profiler) {
         (Route::Index, _) => index(state.profiler.is_some()),
         (Route::Metrics, _) => metrics(&state),
-        (route, Some(profiler)) => debug_route(route, &request, profiler)
+        (route, Some(profiler)) => debug_route(route, &request, profiler, &state)
             .await
             .unwrap_or_else(|e| debug::error_response(&e)),
         (_, None) => unreachable!("debug routes without a profiler returned 404 above"),
@@ -236,6 +254,7 @@ async fn debug_route(
     route: Route,
     request: &Request<()>,
     profiler: Arc<Profiler>,
+    state: &ServerState,
 ) -> Result<Response<Body>, ProfileError> {
     let query = request.uri().query();
     let post = request.method() == Method::POST;
@@ -267,8 +286,54 @@ async fn debug_route(
         }
         Route::Dump(id) => debug::stored(profiler, id, Query::parse(query, &["format"])?).await,
         Route::Release => debug::release(profiler, Query::parse(query, &["probe"])?).await,
+        Route::Console => {
+            Query::parse(query, &[])?;
+            Ok(console_page())
+        }
+        Route::ConsoleOverview => {
+            let query = Query::parse(query, &["since"])?;
+            let overview = console::overview(&state.history, &state.cache, &profiler, &query)?;
+            Ok(debug::json_compact(StatusCode::OK, &overview))
+        }
+        Route::ConsoleScopes => {
+            let query = Query::parse(query, &["spark"])?;
+            let spark = match query.get("spark") {
+                None | Some("1") => true,
+                Some("0") => false,
+                Some(other) => {
+                    return Err(ProfileError::BadRequest(format!(
+                        "spark={other:?}: give spark=0 (rows without sparklines) or spark=1"
+                    )))
+                }
+            };
+            let mut scopes = state.history.scopes(&state.cache.get());
+            if !spark {
+                scopes.iter_mut().for_each(|row| row.spark = Vec::new());
+            }
+            let scopes = console::Scopes { scopes };
+            Ok(debug::json_compact(StatusCode::OK, &scopes))
+        }
         Route::Index | Route::Metrics => unreachable!("not a debug route"),
     }
+}
+
+/// The console's page, with a policy that lets it load nothing from elsewhere.
+fn console_page() -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(console::PAGE.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 fn index(debug: bool) -> Response<Body> {
