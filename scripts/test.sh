@@ -32,6 +32,7 @@ install_tools() {
         [prometheus]=prometheus [promtool]=prometheus [go]=golang-go
         [jeprof]=libjemalloc-dev [docker-compose]=docker-compose [valgrind]=valgrind
         [amtool]=prometheus-alertmanager [prometheus-alertmanager]=prometheus-alertmanager
+        [chromium]=chromium [chromedriver]=chromium-driver
     )
     local missing=()
     for tool in "${!needs[@]}"; do
@@ -43,6 +44,8 @@ install_tools() {
         missing+=(golang-github-google-pprof-dev)
     python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
     python3 -c "import yaml" 2>/dev/null || missing+=(python3-yaml)
+    # The console's browser test runs on Debian's python3 with its Selenium package.
+    /usr/bin/python3 -c "import selenium" 2>/dev/null || missing+=(python3-selenium)
     [ ${#missing[@]} -eq 0 ] && return 0
     local packages
     packages=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
@@ -177,6 +180,13 @@ step "deploy/ manifests and configurations" deploy_checks
 # Every dashboard query on a backfilled synthetic fleet (20 instances x 32 scopes x 13 h): fails
 # if one reads more than 6 samples per series and step (BENCHMARKS.md has a larger fleet).
 step "dashboard query cost on a synthetic fleet" python3 grafana/query_cost.py
+# The memory console in headless Chromium (Selenium): every view against the demo, the token
+# prompt, 1,024 scopes; fails on any JavaScript error; screenshots in target/console/.
+console_test() {
+    cargo build --release -p exporter --example demo &&
+        /usr/bin/python3 exporter/tests/browser/console_test.py target/release/examples/demo target/console
+}
+step "memory console in headless Chromium" console_test
 step "README snippets compile in a fresh edition-2024 crate" python3 scripts/readme_snippets.py
 bench_smoke() {
     cargo bench -p alloc-bench --benches -- --test &&

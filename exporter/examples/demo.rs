@@ -158,6 +158,7 @@ usage: demo [OPTIONS]
   --tracking MODE         sampled (default: per-scope estimates, 0.97-0.99x CPU on a real
                           program) or exact (every block counted, 1.09-1.14x); README: Costs
   --leak-rate BYTES       bytes per second the `cache` scope leaks (default 32768: 112.5 MiB/h)
+  --extra-scopes N        N more scopes (part-0001…), each holding a few KiB (default 0)
   --requests-per-sec N    simulated requests per second (default 200)
   --batch-every SECS      seconds between batch jobs (default 30)
   --batch-bytes BYTES     memory one batch job holds at its peak (default 67108864)
@@ -178,6 +179,8 @@ struct Options {
     listen: SocketAddr,
     tracking: String,
     leak_rate: u64,
+    /// Scopes beyond the demo's own, each holding a little (a service with many parts).
+    extra_scopes: usize,
     requests_per_sec: u64,
     batch_every: Duration,
     batch_bytes: usize,
@@ -198,6 +201,7 @@ fn parse_options() -> Result<Options, String> {
         listen: exporter::DEFAULT_LISTEN,
         tracking: "sampled".into(),
         leak_rate: 32 * 1024,
+        extra_scopes: 0,
         requests_per_sec: 200,
         batch_every: Duration::from_secs(30),
         batch_bytes: 64 << 20,
@@ -236,6 +240,9 @@ fn parse_options() -> Result<Options, String> {
                 "exact" | "sampled" => options.tracking = value,
                 _ => return Err(bad("exact or sampled")),
             },
+            "--extra-scopes" => {
+                options.extra_scopes = value.parse().map_err(|_| bad("a number of scopes"))?
+            }
             "--leak-rate" => {
                 options.leak_rate = value.parse().map_err(|_| bad("a number of bytes"))?
             }
@@ -356,6 +363,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("cannot start the demo's tokio runtime");
+    let _extra = hold_in_extra_scopes(options.extra_scopes);
     runtime.block_on(async {
         let tasks = [
             tokio::spawn(service.clone().leak_sessions(options.leak_rate)),
@@ -402,6 +410,17 @@ async fn wait_for_stop_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `count` more scopes (`part-0001`…), each holding a few KiB, as a service with many parts
+/// has; the registry's limit of 1,024 names puts the rest in `overflow`.
+fn hold_in_extra_scopes(count: usize) -> Vec<Vec<u8>> {
+    (1..=count)
+        .map(|i| {
+            let _scope = Scope::named(&format!("part-{i:04}")).enter();
+            vec![1u8; 1024 * (1 + i % 16)]
+        })
+        .collect()
 }
 
 /// Bytes of state one session holds.

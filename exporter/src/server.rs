@@ -293,7 +293,11 @@ async fn debug_route(
         Route::ConsoleOverview => {
             let query = Query::parse(query, &["since"])?;
             let overview = console::overview(&state.history, &state.cache, &profiler, &query)?;
-            Ok(debug::json_compact(StatusCode::OK, &overview))
+            Ok(debug::json_compact(
+                StatusCode::OK,
+                &overview,
+                accepts_gzip(request),
+            ))
         }
         Route::ConsoleScopes => {
             let query = Query::parse(query, &["spark"])?;
@@ -311,10 +315,23 @@ async fn debug_route(
                 scopes.iter_mut().for_each(|row| row.spark = Vec::new());
             }
             let scopes = console::Scopes { scopes };
-            Ok(debug::json_compact(StatusCode::OK, &scopes))
+            Ok(debug::json_compact(
+                StatusCode::OK,
+                &scopes,
+                accepts_gzip(request),
+            ))
         }
         Route::Index | Route::Metrics => unreachable!("not a debug route"),
     }
+}
+
+fn accepts_gzip(request: &Request<()>) -> bool {
+    request
+        .headers()
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|e| e.trim().starts_with("gzip")))
 }
 
 /// The console's page, with a policy that lets it load nothing from elsewhere.
