@@ -77,6 +77,8 @@ fn mounted_routes_keep_every_rule_of_the_built_in_server() {
         ("POST", "/debug/pprof/heap/activate"),
         ("GET", "/debug/pprof/dumps"),
         ("POST", "/debug/memory/release?probe=all"),
+        ("GET", "/debug/memory/overview?since=0"),
+        ("GET", "/debug/memory/scopes?spark=0"),
     ] {
         assert_eq!(call(method, target, &[]).status, 401, "{method} {target}");
         assert_eq!(
@@ -91,6 +93,19 @@ fn mounted_routes_keep_every_rule_of_the_built_in_server() {
             ok.status,
             ok.text()
         );
+    }
+
+    // The console's page carries no data and asks for the token itself: served without one.
+    let page = call("GET", "/debug/memory", &[]);
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("Token required") && !page.text().contains("jemalloc_"));
+    for bad in [
+        "/debug/memory/overview?since=yesterday",
+        "/debug/memory/scopes?spark=2",
+        "/debug/memory?x=1",
+    ] {
+        let response = call("GET", bad, &with(&right));
+        assert_eq!(response.status, 400, "{bad}: {}", response.text());
     }
 
     // Bad input: 4xx with a message, as from the built-in server.
