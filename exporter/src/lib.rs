@@ -26,6 +26,9 @@
 //!   serve metrics yourself;
 //! - `server` moves them over HTTP (hyper 1), with limits and graceful shutdown, started by
 //!   [`ExporterBuilder::start`] together with the background refresh task.
+//!
+//! With debug routes on, [`profiling`] serves heap profiles (`/debug/pprof/*`) and [`console`]
+//! a page for the browser at `/debug/memory` with the JSON it reads.
 
 mod auth;
 mod builder;

@@ -51,6 +51,9 @@ pub struct ScopeRow {
     pub spark: Vec<u64>,
 }
 
+/// Each scope's (allocated bytes, allocations) at one refresh.
+type Counters = HashMap<&'static str, (u64, u64)>;
+
 #[derive(Default)]
 struct Inner {
     overview: VecDeque<OverviewPoint>,
@@ -58,7 +61,7 @@ struct Inner {
     live: HashMap<&'static str, VecDeque<u64>>,
     last_point: Option<Instant>,
     /// The previous refresh: when, and each scope's (allocated bytes, allocations).
-    previous: Option<(Instant, HashMap<&'static str, (u64, u64)>)>,
+    previous: Option<(Instant, Counters)>,
     rates: HashMap<&'static str, (f64, f64)>,
 }
 
@@ -90,7 +93,7 @@ impl History {
 
     fn record_at(&self, reading: &Refreshed, now: Instant, wall: SystemTime, rss: u64) {
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let counters: HashMap<&'static str, (u64, u64)> = reading
+        let counters: Counters = reading
             .scopes
             .iter()
             .map(|s| (s.name, (s.allocated_bytes, s.allocations)))
