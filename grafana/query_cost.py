@@ -11,7 +11,7 @@ queries at the end; "All" of a variable as the alternation of its values). Fails
 touches more than `--budget-samples` samples (seconds are reported, not asserted: the
 machine is shared).
 
-    python3 grafana/query_cost.py --instances 20 --scopes 32 --hours 13 --interval 60
+    python3 grafana/query_cost.py --instances 20 --scopes 32 --hours 7.5 --interval 60
 """
 import argparse
 import json
@@ -126,7 +126,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=20)
     parser.add_argument("--scopes", type=int, default=32)
-    parser.add_argument("--hours", type=float, default=13)
+    parser.add_argument("--hours", type=float, default=7.5,
+                        help="history to backfill: the 6 h range plus the longest window read (1 h)")
     parser.add_argument("--interval", type=int, default=60, help="scrape interval, seconds")
     parser.add_argument("--budget-samples", type=int, default=None,
                         help="most samples one query may touch (default: 6 per scope series of the "
@@ -149,22 +150,24 @@ def main():
               f"{args.interval} s ({size / 1e6:.0f} MB of OpenMetrics) in {time.time() - started:.0f} s")
         (tmp / "prometheus.yml").write_text("global:\n  scrape_interval: 1m\n")
         port = free_port()
+        log = open(tmp / "prometheus.log", "w")
         prometheus = subprocess.Popen(
             [args.prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
              "--storage.tsdb.retention.time=10y", f"--web.listen-address=127.0.0.1:{port}",
              "--query.max-samples=500000000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=log)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 120
+            deadline = time.time() + 600
             while True:
                 try:
-                    if api(base, "/api/v1/query", {"query": "count(memory_scope_live_bytes)"})["data"]["result"]:
+                    if api(base, "/api/v1/query", {"query": "count(memory_scope_live_bytes)", "time": end})["data"]["result"]:
                         break
                 except OSError:
                     pass
-                if time.time() > deadline:
-                    sys.exit("Prometheus did not serve the backfilled blocks")
+                if time.time() > deadline or prometheus.poll() is not None:
+                    log.close()
+                    sys.exit("Prometheus did not serve the backfilled blocks:\n" + (tmp / "prometheus.log").read_text()[-3000:])
                 time.sleep(1)
             return measure(base, args, pods, names, end)
         finally:

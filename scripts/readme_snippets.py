@@ -65,15 +65,17 @@ def main():
     crate = pathlib.Path(tempfile.mkdtemp(prefix="readme-snippets-"))
     try:
         (crate / "Cargo.toml").write_text(manifest(deps))
+        # The workspace's versions and target directory: the dependencies the test step has
+        # just built are reused (no RUSTFLAGS, which would rebuild them all).
+        shutil.copy(ROOT / "Cargo.lock", crate / "Cargo.lock")
         bins = crate / "src" / "bin"
         bins.mkdir(parents=True)
         for n, body in enumerate(rust, start=1):
             if not re.search(r"\bfn main\s*\(", body):
                 body += "\nfn main() {}\n"
-            (bins / f"snippet_{n:02}.rs").write_text(body)
+            (bins / f"snippet_{n:02}.rs").write_text("#![allow(dead_code, unused)]\n" + body)
         print(f"building {len(rust)} README snippets in an edition-2024 crate ({crate})")
-        env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / "readme-snippets"),
-                   RUSTFLAGS="-A dead_code -A unused")
+        env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target"))
         result = subprocess.run(["cargo", "build", "--quiet", "--bins"], cwd=crate, env=env)
         if result.returncode != 0:
             for n, body in enumerate(rust, start=1):

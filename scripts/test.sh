@@ -163,7 +163,7 @@ asan() {
         --test sampled --test thread_spawn --test null_inner --test alloc_model
 }
 step "AddressSanitizer on the allocator tests" asan
-step "bounded fuzzing (45 s per target)" scripts/fuzz.sh 45
+step "bounded fuzzing (30 s per target)" scripts/fuzz.sh 30
 step "promtool and docker-compose config checks" config_checks
 # deploy/: Kubernetes manifests against the API schemas (kubernetes-validate, strict), the
 # operator's objects and the Parca/Alloy configurations structurally, the demo run with the
@@ -177,7 +177,7 @@ deploy_checks() {
         "$venv/bin/python" deploy/validate.py target/release/examples/demo
 }
 step "deploy/ manifests and configurations" deploy_checks
-# Every dashboard query on a backfilled synthetic fleet (20 instances x 32 scopes x 13 h): fails
+# Every dashboard query on a backfilled synthetic fleet (20 instances x 32 scopes x 7.5 h): fails
 # if one reads more than 6 samples per series and step (BENCHMARKS.md has a larger fleet).
 step "dashboard query cost on a synthetic fleet" python3 grafana/query_cost.py
 # The memory console in headless Chromium (Selenium): every view against the demo, the token
