@@ -4,7 +4,7 @@ mod support;
 
 use std::process::Command;
 
-use support::{generated_rules, require_tool, TempDir};
+use support::{assert_succeeds, generated_rules, require_tool, TempDir};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -54,15 +54,9 @@ tests:
         big = 16384 * MIB,
     );
     std::fs::write(dir.path().join("memory.test.yml"), tests).unwrap();
-    let out = Command::new(promtool)
-        .args(["test", "rules", "memory.test.yml"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    assert_succeeds(
+        Command::new(promtool)
+            .args(["test", "rules", "memory.test.yml"])
+            .current_dir(dir.path()),
     );
 }

@@ -122,15 +122,9 @@ fn generated_dashboards_are_up_to_date() {
     let Some(python) = support::require_tool("python3", "python3") else {
         return;
     };
-    let out = std::process::Command::new(python)
-        .arg(workspace_root().join("grafana/generate.py"))
-        .arg("--check")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    support::assert_succeeds(
+        std::process::Command::new(python)
+            .arg(workspace_root().join("grafana/generate.py"))
+            .arg("--check"),
     );
 }

@@ -509,6 +509,15 @@ impl Profiler {
     pub fn shared(self) -> Arc<Profiler> {
         Arc::new(self)
     }
+
+    /// A profiler with the default configuration, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Profiler {
+        Profiler::new(
+            ProfilingConfig::default(),
+            crate::collectors::ExporterMetrics::new().prof_dumps,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -517,10 +526,7 @@ mod tests {
 
     #[test]
     fn retry_after_is_the_remaining_time_rounded_up() {
-        let profiler = Profiler::new(
-            ProfilingConfig::default(),
-            crate::collectors::ExporterMetrics::new().prof_dumps,
-        );
+        let profiler = Profiler::for_tests();
         let _running = profiler.begin(Duration::from_millis(2500)).unwrap();
         match profiler.begin(Duration::from_secs(1)) {
             Err(ProfileError::Busy { retry_after, .. }) => {

@@ -157,14 +157,10 @@ pub async fn release(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profiling::ProfilingConfig;
 
     #[test]
     fn a_short_operation_is_waited_for_and_a_timed_window_is_not() {
-        let profiler = Profiler::new(
-            ProfilingConfig::default(),
-            crate::collectors::ExporterMetrics::new().prof_dumps,
-        );
+        let profiler = Profiler::for_tests();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

@@ -258,6 +258,19 @@ impl GoPprof {
     }
 }
 
+/// Runs `command` to completion; panics with its output unless it succeeds.
+pub fn assert_succeeds(command: &mut Command) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The alert rules as `alerts/generate_rules.py` writes them with `settings` (`--name value`
 /// pairs: compressed windows, a 1 s group interval), into `dir`; returns the file.
 pub fn generated_rules(dir: &TempDir, settings: &[&str]) -> PathBuf {
