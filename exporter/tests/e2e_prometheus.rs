@@ -36,9 +36,13 @@ fn prometheus_scrapes_the_demo() {
         panic!("promtool check metrics failed:\n{problems}");
     }
 
-    // The repository's rules, evaluated every second instead of every minute.
+    // The repository's rules, evaluated every second instead of every minute, with a 10 s floor
+    // window (the floor-growth panel reads its recording rule, which needs two windows of data).
     let rules_dir = TempDir::new("rules");
-    let rules = generated_rules(&rules_dir, &["--group-interval", "1s"]);
+    let rules = generated_rules(
+        &rules_dir,
+        &["--group-interval", "1s", "--floor-window", "10s"],
+    );
     let server = Prometheus::start(
         &prometheus,
         &format!(

@@ -474,30 +474,38 @@ impl Prometheus {
 
     /// Evaluates an instant query; returns the `data.result` array.
     pub fn query(&self, promql: &str) -> Vec<serde_json::Value> {
-        let response = get(
-            self.addr,
-            &format!("/api/v1/query?query={}", url_encode(promql)),
-        );
-        let json: serde_json::Value = serde_json::from_slice(&response.body)
-            .unwrap_or_else(|e| panic!("{promql}: {e}: {}", response.text()));
-        assert_eq!(json["status"], "success", "{promql}: {json}");
-        json["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.try_query(promql)
+            .unwrap_or_else(|e| panic!("{promql}: {e}"))
     }
 
-    /// Polls `promql` until it returns at least one series, or panics after `timeout`.
+    fn try_query(&self, promql: &str) -> Result<Vec<serde_json::Value>, String> {
+        let target = format!("/api/v1/query?query={}", url_encode(promql));
+        let response = try_request(self.addr, "GET", &target, &[], Duration::from_secs(30))?;
+        let json: serde_json::Value = serde_json::from_slice(&response.body)
+            .map_err(|e| format!("HTTP {}: {e}: {}", response.status, response.text()))?;
+        if json["status"] != "success" {
+            return Err(json.to_string());
+        }
+        Ok(json["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Polls `promql` until it returns at least one series, or panics after `timeout` (an
+    /// answer Prometheus could not give, under load, is polled again; the last one is shown).
     pub fn wait_for(&self, promql: &str, timeout: Duration) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let result = self.query(promql);
-            if !result.is_empty() {
-                return result;
+            let outcome = self.try_query(promql);
+            if let Ok(result) = &outcome {
+                if !result.is_empty() {
+                    return result.clone();
+                }
             }
             assert!(
                 Instant::now() < deadline,
-                "no data for {promql} after {timeout:?}; prometheus log:\n{}",
+                "no data for {promql} after {timeout:?} (last answer: {outcome:?}); prometheus log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(500));
