@@ -159,10 +159,43 @@ mod tests {
         for good in ["operator", "from-the-secret", "rotated-next"] {
             assert!(tokens.accepts(good), "{good}");
         }
-        for bad in ["", "operato", "operator2", "from-the-secret\nrotated-next"] {
+        // Wrong tokens of the right length too: one letter changed, two swapped (a comparison
+        // that could cancel differences out would let that in).
+        for bad in [
+            "",
+            "operato",
+            "operator2",
+            "operatoR",
+            "opertaor",
+            "from-the-secret\nrotated-next",
+        ] {
             assert!(!tokens.accepts(bad), "{bad:?}");
         }
         assert!(!Tokens::default().required());
+        assert!(Tokens::new(vec!["only-literal".into()], vec![])
+            .unwrap()
+            .required());
+        let only_file = Tokens::new(vec![], vec![file.clone()]).unwrap();
+        assert!(only_file.required() && only_file.accepts("rotated-next"));
+        // The same token given twice (twice on the command line, twice in a file, or in both)
+        // is still accepted.
+        let doubled = temp_file("doubled", "same\nsame\n");
+        for (literal, files, token) in [
+            (vec!["dup", "dup"], vec![], "dup"),
+            (vec![], vec![doubled.clone()], "same"),
+            (
+                vec!["from-the-secret"],
+                vec![file.clone()],
+                "from-the-secret",
+            ),
+        ] {
+            let literal = literal.into_iter().map(String::from).collect();
+            assert!(
+                Tokens::new(literal, files).unwrap().accepts(token),
+                "{token}"
+            );
+        }
+        std::fs::remove_file(doubled).unwrap();
         std::fs::remove_file(file).unwrap();
     }
 
@@ -175,6 +208,10 @@ mod tests {
         std::thread::sleep(RECHECK + Duration::from_millis(50));
         assert!(tokens.accepts("new-token-of-another-length"));
         assert!(!tokens.accepts("old-token"));
+        // Emptied (a Secret being rewritten), then gone: the last tokens keep working.
+        std::fs::write(&file, "\n").unwrap();
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert!(tokens.accepts("new-token-of-another-length"));
         std::fs::remove_file(&file).unwrap();
         std::thread::sleep(RECHECK + Duration::from_millis(50));
         assert!(tokens.accepts("new-token-of-another-length"));

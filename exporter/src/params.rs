@@ -99,6 +99,8 @@ mod tests {
             assert!(Query::parse(Some(bad), &["format"]).is_err(), "{bad}");
         }
         assert!(Query::parse(None, &[]).unwrap().get("x").is_none());
+        let plus = Query::parse(Some("probe=a+b%2Bc"), &["probe"]).unwrap();
+        assert_eq!(plus.get("probe"), Some("a b+c"), "+ is a space, %2B a plus");
         let repeated = Query::parse(Some("seconds=14&seconds=14"), &["seconds"]).unwrap();
         assert_eq!(repeated.get("seconds"), Some("14"));
     }
