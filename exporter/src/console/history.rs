@@ -319,5 +319,12 @@ mod tests {
             (held..3 * 512 * 8 + 512 * std::mem::size_of::<OverviewPoint>()).contains(&bytes),
             "{bytes}"
         );
+        // The scopes' share: at least 8 bytes a point each, against the same hour without them.
+        let without_scopes = History::default();
+        for i in 0..1440u64 {
+            let at = Duration::from_secs(5 * i);
+            without_scopes.record_at(&reading(&[]), start + at, wall + at, 1);
+        }
+        assert!(bytes - without_scopes.heap_bytes() >= 3 * CAPACITY * 8);
     }
 }
