@@ -172,6 +172,12 @@ impl History {
             .collect()
     }
 
+    /// The newest point, if any.
+    pub fn latest(&self) -> Option<OverviewPoint> {
+        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.overview.back().copied()
+    }
+
     /// Every scope of `now` (the latest reading) with its change against the ring's points
     /// 1, 5 and 60 minutes back (or the oldest; a scope newer than the ring counts from 0),
     /// biggest growers over the hour first.

@@ -71,10 +71,7 @@ pub(crate) fn overview(
     };
     let reading = cache.get();
     let points = history.overview_since(since);
-    let rss = history
-        .overview_since(0)
-        .last()
-        .map_or(0, |p: &OverviewPoint| p.rss);
+    let rss = history.latest().map_or(0, |p| p.rss);
     let [mode, placement, interval] = crate::collectors::tracking_labels();
     let stats = &reading.stats;
     Ok(Overview {
