@@ -341,15 +341,16 @@ impl Refresher {
     fn once(&self) -> Result<(), crate::stats::ReadError> {
         let _g = Scope::named("exporter").enter();
         let result = self.health.refresh(&self.cache);
-        if let (Some(history), Ok(())) = (&self.history, &result) {
-            history.record(&self.cache.get());
-        }
-        if let Some(Some(Err(e))) = self
-            .profiler
-            .as_ref()
-            .map(|p| p.check_auto(&self.cache.get()))
-        {
-            tracing::warn!("memory exporter: automatic heap dump failed: {e}");
+        // One copy of the reading (every scope's counters) for the history and the automatic
+        // dumps, taken only when they exist (debug routes on).
+        if self.history.is_some() || self.profiler.is_some() {
+            let reading = self.cache.get();
+            if let (Some(history), Ok(())) = (&self.history, &result) {
+                history.record(&reading);
+            }
+            if let Some(Some(Err(e))) = self.profiler.as_ref().map(|p| p.check_auto(&reading)) {
+                tracing::warn!("memory exporter: automatic heap dump failed: {e}");
+            }
         }
         #[cfg(feature = "metrics")]
         if let Some(registry) = &self.facade {
