@@ -190,8 +190,17 @@ pub fn program_dump_dir(root: &std::path::Path, port: Option<u16>) -> PathBuf {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "program".into());
-    let exe: String = exe
-        .chars()
+    let exe = file_name_safe(&exe);
+    let build = symbols::own_build_id()
+        .map_or("no-build-id".into(), |id| id[..id.len().min(12)].to_owned());
+    let port = port.map_or("mounted".into(), |p| p.to_string());
+    root.join(format!("{exe}-{build}-{port}"))
+}
+
+/// `name` with every character but ASCII letters, digits, `-` and `_` replaced by `_`: an
+/// executable may be called anything, a directory name under a shared root should not.
+fn file_name_safe(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                 c
@@ -199,11 +208,7 @@ pub fn program_dump_dir(root: &std::path::Path, port: Option<u16>) -> PathBuf {
                 '_'
             }
         })
-        .collect();
-    let build = symbols::own_build_id()
-        .map_or("no-build-id".into(), |id| id[..id.len().min(12)].to_owned());
-    let port = port.map_or("mounted".into(), |p| p.to_string());
-    root.join(format!("{exe}-{build}-{port}"))
+        .collect()
 }
 
 /// jemalloc's profiling state and the stored dumps, as `GET /debug/pprof/status` reports them.
@@ -523,6 +528,97 @@ impl Profiler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_error_has_its_status() {
+        let m = String::new;
+        let busy = ProfileError::Busy {
+            retry_after: Duration::from_secs(1),
+            message: m(),
+        };
+        let cases = [
+            (ProfileError::NotAvailable(m()), 501),
+            (busy, 409),
+            (ProfileError::BadRequest(m()), 400),
+            (ProfileError::NotFound(m()), 404),
+            (ProfileError::Conflict(m()), 409),
+            (ProfileError::Storage(m()), 500),
+            (ProfileError::Internal(m()), 500),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error.status(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn each_format_has_its_content_type_and_extension() {
+        let cases = [
+            ("pprof", "application/octet-stream", "pb.gz"),
+            ("jeprof", "text/plain; charset=utf-8", "heap"),
+            ("svg", "image/svg+xml", "svg"),
+            ("collapsed", "text/plain; charset=utf-8", "folded"),
+        ];
+        for (name, content_type, extension) in cases {
+            let format = Format::parse(name).unwrap();
+            assert_eq!(format.content_type(), content_type, "{name}");
+            assert_eq!(format.extension(), extension, "{name}");
+        }
+        assert!(Format::parse("png").is_err());
+    }
+
+    #[test]
+    fn dumps_go_under_the_temporary_directory_by_program_and_port() {
+        let root = default_dump_root();
+        assert_eq!(root, std::env::temp_dir().join("memory-exporter-dumps"));
+        // This test binary (`exporter-<hash>`): its name, its build id's first 12 hex digits
+        // (or `no-build-id`), then the port or `mounted`.
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.file_name().unwrap().to_str().unwrap();
+        let build = symbols::own_build_id()
+            .map_or("no-build-id".into(), |id| id[..id.len().min(12)].to_owned());
+        assert_eq!(
+            program_dump_dir(&root, Some(9464)),
+            root.join(format!("{exe}-{build}-9464"))
+        );
+        assert_eq!(
+            program_dump_dir(&root, None),
+            root.join(format!("{exe}-{build}-mounted"))
+        );
+    }
+
+    #[test]
+    fn the_profiler_keeps_its_configuration() {
+        let config = ProfilingConfig {
+            max_seconds: 7,
+            ..ProfilingConfig::default()
+        };
+        let metrics = crate::collectors::ExporterMetrics::new();
+        assert_eq!(
+            Profiler::new(config, metrics.prof_dumps)
+                .config()
+                .max_seconds,
+            7
+        );
+    }
+
+    #[test]
+    fn seconds_are_whole_and_within_the_limit() {
+        let profiler = Profiler::for_tests(); // max_seconds 300
+        assert_eq!(profiler.parse_seconds("1"), Ok(1));
+        assert_eq!(profiler.parse_seconds("300"), Ok(300));
+        for bad in ["0", "301", "1.5", "-1", "", "ten"] {
+            let error = profiler.parse_seconds(bad).unwrap_err();
+            assert_eq!(error.status(), 400, "{bad:?}");
+            assert!(error.to_string().contains("from 1 to 300"), "{error}");
+        }
+    }
+
+    #[test]
+    fn executable_names_become_safe_directory_names() {
+        assert_eq!(file_name_safe("my-app_2"), "my-app_2");
+        assert_eq!(file_name_safe("my app.v2/../x"), "my_app_v2____x");
+        assert_eq!(file_name_safe("é"), "_");
+    }
 
     #[test]
     fn retry_after_is_the_remaining_time_rounded_up() {
