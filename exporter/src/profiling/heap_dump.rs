@@ -388,6 +388,39 @@ mod tests {
     }
 
     #[test]
+    fn cumulative_counts_are_unbiased_from_their_own_figures() {
+        // Live: one 512 KiB block; allocated in all: four of 128 KiB (scale 1/(1 - e^-0.25)).
+        let stack = Stack {
+            addrs: vec![1],
+            objects: 1,
+            bytes: 524288,
+            allocated_objects: 4,
+            allocated_bytes: 524288,
+        };
+        let (objects, bytes) = stack.unbiased_allocated(524288);
+        let scale = 1.0 / (1.0 - (-0.25f64).exp());
+        assert!((objects - 4.0 * scale).abs() < 1e-9, "{objects}");
+        assert!((bytes - 524288.0 * scale).abs() < 1e-6, "{bytes}");
+    }
+
+    #[test]
+    fn counts_without_bytes_or_period_are_kept_as_they_are() {
+        // Malformed dumps (no bytes, no period) must not scale by 1/0.
+        for (objects, bytes, period) in [(5, 0, 524288), (0, 0, 524288), (3, 96, 0)] {
+            let stack = Stack {
+                objects,
+                bytes,
+                ..Stack::default()
+            };
+            assert_eq!(
+                stack.unbiased(period),
+                (objects as f64, bytes as f64),
+                "{objects} objects, {bytes} bytes, period {period}"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_other_text() {
         assert!(HeapProfile::parse("hello").is_err());
         assert!(HeapProfile::parse("heap_v2/abc\n").is_err());

@@ -288,3 +288,134 @@ pub fn encode(
         .expect("writing to a Vec cannot fail");
     gz.finish().expect("writing to a Vec cannot fail")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::io::Read;
+
+    use super::*;
+    use crate::profiling::heap_dump::Stack;
+
+    fn decode(gzipped: &[u8]) -> Profile {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(gzipped)
+            .read_to_end(&mut raw)
+            .unwrap();
+        <Profile as prost::Message>::decode(raw.as_slice()).unwrap()
+    }
+
+    /// A return address in this test: the first frame of a backtrace taken here that
+    /// resolves to a function of this module.
+    #[inline(never)]
+    fn call_site() -> u64 {
+        static HERE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        *HERE.get_or_init(|| {
+            let mut found = None;
+            backtrace::trace(|frame| {
+                backtrace::resolve_frame(frame, |symbol| {
+                    let name = symbol.name().map(|n| format!("{n:#}")).unwrap_or_default();
+                    if name.contains("pprof::tests") {
+                        found.get_or_insert(frame.ip() as u64);
+                    }
+                });
+                found.is_none()
+            });
+            found.expect("a frame of this test module")
+        })
+    }
+
+    fn heap(accumulated: bool) -> HeapProfile {
+        let here = call_site();
+        let stack = |addrs: Vec<u64>, objects, bytes, allocated: [u64; 2]| Stack {
+            addrs,
+            objects,
+            bytes,
+            allocated_objects: allocated[0],
+            allocated_bytes: allocated[1],
+        };
+        HeapProfile {
+            period: 524288,
+            stacks: vec![
+                stack(vec![here, here], 1, 524288, [4, 1 << 21]),
+                stack(vec![here], 1, 64 << 20, [1, 64 << 20]),
+            ],
+            accumulated,
+            maps: String::new(),
+        }
+    }
+
+    #[test]
+    fn go_sample_types_unbiased_values_and_each_string_once() {
+        let heap = heap(true);
+        for (shown, default) in [
+            (SampleType::Inuse, "inuse_space"),
+            (SampleType::Allocated, "alloc_space"),
+        ] {
+            let profile = decode(&encode(&heap, &mut Symbolizer::default(), "a title", shown));
+            let s = |i: i64| profile.string_table[i as usize].as_str();
+            assert_eq!(profile.string_table[0], "");
+            let distinct: HashSet<_> = profile.string_table.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                profile.string_table.len(),
+                "each string once"
+            );
+            let types: Vec<_> = profile
+                .sample_type
+                .iter()
+                .map(|t| format!("{}/{}", s(t.r#type), s(t.unit)))
+                .collect();
+            assert_eq!(
+                types,
+                [
+                    "alloc_objects/count",
+                    "alloc_space/bytes",
+                    "inuse_objects/count",
+                    "inuse_space/bytes"
+                ]
+            );
+            assert_eq!(s(profile.default_sample_type), default);
+            let period = profile.period_type.as_ref().unwrap();
+            assert_eq!((s(period.r#type), s(period.unit)), ("space", "bytes"));
+            assert_eq!(profile.period, 524288);
+            assert_eq!(s(profile.comment[0]), "a title");
+
+            // Values: cumulative then live, each unbiased like jeprof and rounded.
+            for (sample, stack) in profile.sample.iter().zip(&heap.stacks) {
+                let (ao, ab) = stack.unbiased_allocated(heap.period);
+                let (o, b) = stack.unbiased(heap.period);
+                let expected = [ao, ab, o, b].map(|v| v.round() as i64);
+                assert_eq!(sample.value, expected);
+            }
+            assert_eq!(profile.sample[0].value[2], 2, "1 live object at 1.58");
+
+            // One location per address, shared by the samples; named after the function.
+            assert_eq!(profile.sample[0].location_id, [1, 1]);
+            assert_eq!(profile.sample[1].location_id, [1]);
+            assert_eq!(profile.location.len(), 1);
+            assert_eq!(profile.location[0].address, call_site());
+            let function = &profile.function[profile.location[0].line[0].function_id as usize - 1];
+            assert!(
+                s(function.name).contains("pprof::tests"),
+                "{}",
+                s(function.name)
+            );
+        }
+    }
+
+    #[test]
+    fn without_cumulative_counts_only_live_bytes_are_shown() {
+        let profile = decode(&encode(
+            &heap(false),
+            &mut Symbolizer::default(),
+            "",
+            SampleType::Allocated,
+        ));
+        let s = |i: i64| profile.string_table[i as usize].as_str();
+        let types: Vec<_> = profile.sample_type.iter().map(|t| s(t.r#type)).collect();
+        assert_eq!(types, ["inuse_objects", "inuse_space"]);
+        assert_eq!(s(profile.default_sample_type), "inuse_space");
+        assert_eq!(profile.sample[1].value, [1, 64 << 20]);
+    }
+}
