@@ -341,7 +341,7 @@ mod tests {
                 stack(vec![here], 1, 64 << 20, [1, 64 << 20]),
             ],
             accumulated,
-            maps: String::new(),
+            maps: std::fs::read_to_string("/proc/self/maps").unwrap(),
         }
     }
 
@@ -395,6 +395,14 @@ mod tests {
             assert_eq!(profile.sample[1].location_id, [1]);
             assert_eq!(profile.location.len(), 1);
             assert_eq!(profile.location[0].address, call_site());
+            // Mappings are numbered from 1; the location's is this executable's.
+            for (i, mapping) in profile.mapping.iter().enumerate() {
+                assert_eq!(mapping.id, i as u64 + 1);
+            }
+            let mapping = &profile.mapping[profile.location[0].mapping_id as usize - 1];
+            assert!((mapping.memory_start..mapping.memory_limit).contains(&call_site()));
+            let exe = std::env::current_exe().unwrap();
+            assert_eq!(s(mapping.filename), exe.display().to_string());
             let function = &profile.function[profile.location[0].line[0].function_id as usize - 1];
             assert!(
                 s(function.name).contains("pprof::tests"),
