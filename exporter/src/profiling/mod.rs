@@ -20,6 +20,8 @@ mod pprof;
 mod render;
 pub mod scope_frames;
 mod symbols;
+#[cfg(test)]
+mod test_support;
 
 use std::fmt;
 use std::path::PathBuf;

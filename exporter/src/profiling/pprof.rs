@@ -296,6 +296,7 @@ mod tests {
 
     use super::*;
     use crate::profiling::heap_dump::Stack;
+    use crate::profiling::test_support::call_site;
 
     fn decode(gzipped: &[u8]) -> Profile {
         let mut raw = Vec::new();
@@ -303,26 +304,6 @@ mod tests {
             .read_to_end(&mut raw)
             .unwrap();
         <Profile as prost::Message>::decode(raw.as_slice()).unwrap()
-    }
-
-    /// A return address in this test: the first frame of a backtrace taken here that
-    /// resolves to a function of this module.
-    #[inline(never)]
-    fn call_site() -> u64 {
-        static HERE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        *HERE.get_or_init(|| {
-            let mut found = None;
-            backtrace::trace(|frame| {
-                backtrace::resolve_frame(frame, |symbol| {
-                    let name = symbol.name().map(|n| format!("{n:#}")).unwrap_or_default();
-                    if name.contains("pprof::tests") {
-                        found.get_or_insert(frame.ip() as u64);
-                    }
-                });
-                found.is_none()
-            });
-            found.expect("a frame of this test module")
-        })
     }
 
     fn heap(accumulated: bool) -> HeapProfile {
@@ -405,7 +386,7 @@ mod tests {
             assert_eq!(s(mapping.filename), exe.display().to_string());
             let function = &profile.function[profile.location[0].line[0].function_id as usize - 1];
             assert!(
-                s(function.name).contains("pprof::tests"),
+                s(function.name).contains("test_support::call_site"),
                 "{}",
                 s(function.name)
             );

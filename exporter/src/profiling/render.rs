@@ -44,21 +44,89 @@ pub fn collapsed(heap: &HeapProfile, symbols: &mut Symbolizer) -> String {
 /// An SVG flamegraph of live bytes by call stack.
 pub fn flamegraph(heap: &HeapProfile, symbols: &mut Symbolizer, title: &str) -> Vec<u8> {
     let folded = collapsed(heap, symbols);
+    if folded.is_empty() {
+        // inferno refuses input without counts; an empty profile is an answer, not an error.
+        return message_svg(&format!(
+            "{title}: no sampled allocations in this profile (jemalloc samples one allocation \
+             per {} bytes on average)",
+            heap.period
+        ));
+    }
     let mut options = inferno::flamegraph::Options::default();
     options.title = title.to_owned();
     options.count_name = "bytes".to_owned();
     let mut svg = Vec::new();
-    let lines: Vec<&str> = if folded.is_empty() {
-        vec!["(no sampled allocations) 0"]
-    } else {
-        folded.lines().collect()
-    };
-    if let Err(e) = inferno::flamegraph::from_lines(&mut options, lines, &mut svg) {
-        // inferno fails only on empty input; say so in a valid SVG.
-        svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\"><text x=\"10\" y=\"25\">{e}</text></svg>"
-        )
-        .into_bytes();
+    match inferno::flamegraph::from_lines(&mut options, folded.lines(), &mut svg) {
+        Ok(()) => svg,
+        Err(e) => message_svg(&format!("{title}: the flamegraph could not be drawn: {e}")),
     }
-    svg
+}
+
+/// A valid SVG that shows one line of text (escaped).
+fn message_svg(text: &str) -> Vec<u8> {
+    let text = text
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1200\" height=\"40\"><text x=\"10\" y=\"25\">{text}</text></svg>"
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiling::heap_dump::Stack;
+    use crate::profiling::test_support::call_site;
+
+    /// Stacks of one frame (`call_site`) holding `bytes` each, at a 1-byte period: unbiased
+    /// bytes are the bytes themselves.
+    fn heap(bytes: &[u64]) -> HeapProfile {
+        HeapProfile {
+            period: 1,
+            stacks: bytes
+                .iter()
+                .map(|&bytes| Stack {
+                    addrs: vec![call_site()],
+                    objects: 1,
+                    bytes,
+                    ..Stack::default()
+                })
+                .collect(),
+            accumulated: false,
+            maps: String::new(),
+        }
+    }
+
+    #[test]
+    fn identical_stacks_are_merged_into_one_line() {
+        let folded = collapsed(&heap(&[4096, 8192]), &mut Symbolizer::default());
+        let lines: Vec<_> = folded.lines().collect();
+        assert_eq!(lines.len(), 1, "{folded}");
+        let (stack, bytes) = lines[0].rsplit_once(' ').unwrap();
+        assert!(stack.contains("test_support::call_site"), "{stack}");
+        assert_eq!(bytes, "12288");
+    }
+
+    #[test]
+    fn stacks_holding_nothing_are_left_out() {
+        assert_eq!(collapsed(&heap(&[0]), &mut Symbolizer::default()), "");
+        let svg = flamegraph(&heap(&[]), &mut Symbolizer::default(), "<empty>");
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+        assert!(
+            svg.contains("&lt;empty&gt;: no sampled allocations in this profile"),
+            "{svg}"
+        );
+    }
+
+    #[test]
+    fn the_flamegraph_has_the_title_and_the_frames() {
+        let svg = flamegraph(&heap(&[1 << 20]), &mut Symbolizer::default(), "a title");
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.contains("a title"));
+        assert!(svg.contains("call_site"));
+        assert!(svg.contains("bytes"), "the count's name");
+    }
 }
