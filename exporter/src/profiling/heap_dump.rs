@@ -421,6 +421,44 @@ mod tests {
     }
 
     #[test]
+    fn scope_frames_are_dropped_and_the_stacks_they_told_apart_merged() {
+        use crate::profiling::scope_frames::TAG;
+        let stack = |addrs: Vec<u64>, objects, bytes| Stack {
+            addrs,
+            objects,
+            bytes,
+            ..Stack::default()
+        };
+        let profile = HeapProfile {
+            period: 1,
+            stacks: vec![
+                stack(vec![0x10, 0x20, TAG | 3], 1, 100),
+                stack(vec![0x10, 0x20, TAG | 4], 1, 50),
+                stack(vec![0x30], 1, 7),
+            ],
+            accumulated: false,
+            maps: String::new(),
+        };
+        let plain = profile.without_scope_frames();
+        assert_eq!(
+            plain.stacks,
+            [stack(vec![0x10, 0x20], 2, 150), stack(vec![0x30], 1, 7)]
+        );
+        assert!(!plain.to_text().contains("5c09e"), "{}", plain.to_text());
+    }
+
+    #[test]
+    fn parse_errors_say_what_was_expected() {
+        let error = HeapProfile::parse("hello").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("not a jemalloc heap_v2 profile: "),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn rejects_other_text() {
         assert!(HeapProfile::parse("hello").is_err());
         assert!(HeapProfile::parse("heap_v2/abc\n").is_err());
