@@ -104,4 +104,11 @@ mod tests {
         assert_eq!(split(&[0x10, 0x20]), (&[0x10u64, 0x20][..], None));
         assert_eq!(split(&[]), (&[][..], None));
     }
+
+    #[test]
+    fn a_scope_id_is_named_after_its_scope() {
+        let scope = tracking_alloc::Scope::named("scope-frames-test");
+        assert_eq!(name(scope.id()), "scope-frames-test");
+        assert_eq!(name(u16::MAX), "unknown", "an id no scope has");
+    }
 }
