@@ -166,26 +166,57 @@ fn build_id(path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profiling::test_support::call_site;
 
-    #[inline(never)]
-    fn marker_function() -> u64 {
-        let mut addr = 0;
-        backtrace::trace(|frame| {
-            addr = frame.ip() as u64;
-            false
-        });
-        addr
+    #[test]
+    fn resolves_this_crate_and_trims_the_allocator_frames_above_it() {
+        let mut symbols = Symbolizer::default();
+        let here = call_site();
+        let frames = symbols.frames(here);
+        assert!(
+            frames[0].function.contains("test_support::call_site"),
+            "{frames:?}"
+        );
+        assert!(frames[0]
+            .file
+            .as_deref()
+            .unwrap()
+            .ends_with("test_support.rs"));
+        // An address without symbols is named after itself, and counts as the allocator's
+        // (jemalloc's own frames have no Rust symbols): trimmed above the program's frames.
+        assert_eq!(
+            symbols.frames(0x10),
+            [Frame {
+                function: "0x10".into(),
+                file: None,
+                line: None
+            }]
+        );
+        assert_eq!(symbols.trim_allocator_frames(&[0x10, here]), [here]);
+        assert_eq!(symbols.trim_allocator_frames(&[here, 0x10]), [here, 0x10]);
+        // Nothing but allocator frames: kept, rather than an empty stack.
+        assert_eq!(symbols.trim_allocator_frames(&[0x10, 0x20]), [0x10, 0x20]);
     }
 
     #[test]
-    fn resolves_this_crate_and_trims_nothing_of_it() {
-        let mut symbols = Symbolizer::default();
-        // A return address inside `marker_function`'s caller chain resolves to a Rust name.
-        let addr = marker_function();
-        let frames = symbols.frames(addr + 1);
-        assert!(!frames.is_empty());
-        let addrs = [addr + 1];
-        assert_eq!(symbols.trim_allocator_frames(&addrs).len(), 1);
+    fn only_executable_file_mappings_are_kept() {
+        let maps = "\
+55d0c0000000-55d0c0100000 r--p 00000000 fd:01 42 /usr/bin/app
+55d0c0100000-55d0c0500000 r-xp 00100000 fd:01 42 /usr/bin/app
+55d0c1000000-55d0c1100000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000001000 r-xp 00000000 00:00 0 [vdso]
+7f0000100000-7f0000200000 r-xp 00000000 00:00 0
+";
+        assert_eq!(
+            mappings(maps),
+            [Mapping {
+                start: 0x55d0_c010_0000,
+                limit: 0x55d0_c050_0000,
+                offset: 0x10_0000,
+                path: "/usr/bin/app".into(),
+                build_id: None,
+            }]
+        );
     }
 
     #[test]
