@@ -237,6 +237,7 @@ mod tests {
             id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
             "{id}"
         );
+        assert_eq!(own_build_id().as_deref(), Some(id), "the same, read once");
     }
 
     #[test]
