@@ -150,3 +150,19 @@ fn automatic_dumps_rebaseline_and_cool_down() {
     assert!(matches!(profiler.check_auto(&reading(12_000)), Some(Ok(_))));
     assert_eq!(profiler.list().len(), 2, "two dumps stored");
 }
+
+/// `GET /debug/pprof/status` reads jemalloc's state as this binary configured it
+/// (`prof:true,prof_active:true,lg_prof_sample:16`, no `prof_accum`) and the ring's settings.
+#[test]
+fn status_reports_jemalloc_s_profiling_settings() {
+    let dir = TempDir::new("status");
+    let status = profiler(&dir, None).status();
+    assert!(status.profiling_compiled && status.profiling_enabled && status.profiling_active);
+    assert_eq!(status.lg_sample, 16);
+    assert_eq!(status.sample_interval_bytes, 65536);
+    assert!(!status.cumulative_counts, "prof_accum is off");
+    assert_eq!(status.hint, None, "nothing to fix");
+    assert_eq!(status.dump_dir, dir.path().display().to_string());
+    assert_eq!(status.max_seconds, 300);
+    assert_eq!(status.auto_dump, None);
+}
