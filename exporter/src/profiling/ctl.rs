@@ -184,6 +184,20 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_directory_must_be_a_directory_that_exists() {
+        let file = std::env::temp_dir().join(format!("ctl-not-a-dir-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let not_a_dir = check_writable(&file).unwrap_err().to_string();
+        let missing = check_writable(&file.join("below")).unwrap_err().to_string();
+        let writable = check_writable(&std::env::temp_dir());
+        std::fs::remove_file(&file).unwrap();
+        assert!(not_a_dir.contains("is not a directory"), "{not_a_dir}");
+        assert!(missing.contains("is missing or unreadable"), "{missing}");
+        assert!(missing.contains("--dump-dir"), "names the fix: {missing}");
+        assert_eq!(writable, Ok(()));
+    }
+
+    #[test]
     fn purge_returns_dirty_pages() {
         let dirty = || crate::stats::JemallocStats::read().unwrap().dirty;
         let held: Vec<Vec<u8>> = (0..64)
