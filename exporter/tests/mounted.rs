@@ -182,3 +182,66 @@ fn the_axum_example_serves_both_on_one_port() {
     );
     assert!(metrics.contains("memory_tracking_info{mode=\"sampled\""));
 }
+
+/// The console's JSON is gzipped for clients that accept it (browsers do), plain for others,
+/// the same data either way; its page carries a policy that loads nothing from elsewhere.
+#[test]
+fn the_console_routes_compress_for_browsers_and_confine_the_page() {
+    use std::io::Read;
+    let a = start_app();
+    let auth = format!("Bearer {TOKEN}");
+    let fetch = |path: &str, encoding: Option<&str>| {
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(encoding.map(|e| ("accept-encoding", e)));
+        let response = request(a, "GET", path, &headers);
+        assert_eq!(response.status, 200, "{path}: {}", response.text());
+        response
+    };
+    let json = |body: &[u8]| serde_json::from_slice::<serde_json::Value>(body).unwrap();
+    for path in [
+        "/debug/memory/scopes?spark=0",
+        "/debug/memory/overview?since=0",
+    ] {
+        for plain_asked in [None, Some("identity"), Some("br")] {
+            let plain = fetch(path, plain_asked);
+            assert_eq!(plain.header("content-encoding"), None, "{plain_asked:?}");
+            json(&plain.body);
+        }
+        for encoding in ["gzip", "deflate, gzip;q=0.8", "br,gzip"] {
+            let compressed = fetch(path, Some(encoding));
+            assert_eq!(
+                compressed.header("content-encoding"),
+                Some("gzip"),
+                "{encoding}"
+            );
+            assert_eq!(compressed.header("vary"), Some("accept-encoding"));
+            let mut body = Vec::new();
+            flate2::read::GzDecoder::new(&compressed.body[..])
+                .read_to_end(&mut body)
+                .unwrap();
+            let value = json(&body);
+            if path.starts_with("/debug/memory/scopes") {
+                let names: Vec<_> = value["scopes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|row| row["name"].as_str().unwrap().to_owned())
+                    .collect();
+                assert!(names.contains(&"exporter".to_owned()), "{names:?}");
+            } else {
+                assert!(value["points"].is_array(), "{value}");
+            }
+        }
+    }
+    let page = get(a, "/debug/memory");
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    let policy = page.header("content-security-policy").unwrap();
+    assert!(
+        policy.starts_with("default-src 'none';") && policy.contains("connect-src 'self'"),
+        "{policy}"
+    );
+    assert_eq!(page.header("cache-control"), Some("no-store"));
+}
