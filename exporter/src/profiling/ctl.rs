@@ -184,6 +184,27 @@ mod tests {
     }
 
     #[test]
+    fn profiling_routes_say_how_to_turn_profiling_on() {
+        // This test binary embeds no malloc_conf: profiling is compiled in but off, unless
+        // _RJEM_MALLOC_CONF turns it on (then there is nothing to explain).
+        match availability() {
+            Availability::NotEnabled => {
+                let error = require_enabled().unwrap_err();
+                assert_eq!(error.status(), 501);
+                assert!(
+                    error.to_string().contains("_RJEM_MALLOC_CONF=prof:true"),
+                    "{error}"
+                );
+            }
+            Availability::Enabled { active } => assert_eq!(require_enabled(), Ok(active)),
+            Availability::NotCompiled => {
+                let error = require_enabled().unwrap_err().to_string();
+                assert!(error.contains("`profiling` feature"), "{error}");
+            }
+        }
+    }
+
+    #[test]
     fn a_dump_directory_must_be_a_directory_that_exists() {
         let file = std::env::temp_dir().join(format!("ctl-not-a-dir-{}", std::process::id()));
         std::fs::write(&file, b"x").unwrap();
