@@ -73,7 +73,10 @@ fn profiles_read_by_gos_parser_as_parca_and_pyroscope_read_them() {
     let a = demo.addr;
     wait_for_cache_samples(&go, a);
 
-    // /debug/pprof/allocs with cumulative counts (the demo runs with prof_accum:true).
+    // /debug/pprof/allocs with cumulative counts (the demo runs with prof_accum:true), which
+    // the status reports.
+    let status: Value = serde_json::from_slice(&get(a, "/debug/pprof/status").body).unwrap();
+    assert_eq!(status["cumulative_counts"], true);
     let allocs = get(a, "/debug/pprof/allocs");
     assert_eq!(
         allocs.header("content-type"),
