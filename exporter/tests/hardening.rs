@@ -296,7 +296,10 @@ fn full_and_read_only_dump_directories_are_reported() {
     };
     // Fails part-way: the disk is full.
     let _ = std::fs::write(full.path().join("filler"), vec![0u8; 128 * 1024]);
-    for (dir, cause) in [(&full, "the disk is full"), (&read_only, "read-only")] {
+    for (dir, cause) in [
+        (&full, "the disk is full"),
+        (&read_only, "the file system is read-only"),
+    ] {
         let exporter = builder()
             .debug_routes(true)
             .dump_dir(dir.path())
