@@ -147,6 +147,11 @@ def the_demo_in_the_console(binary, shots):
         search.send_keys("leak_sessions")
         console.wait("a frame of demo::...::leak_sessions highlighted",
                      lambda: driver.find_elements(By.CSS_SELECTOR, "#flame .frame.match"), 10)
+        # "Only the program's own frames" (on by default) hides the standard library's, also its
+        # impls for primitive types, and the tracker's scope futures.
+        shown = driver.execute_script("return [...document.querySelectorAll('#flame .frame')].map(d => d.dataset.name)")
+        hidden = [name for name in shown if re.match(r"<(tracking_alloc::|[\w\[\]]+ as (std|core|alloc|<\[_\]>)::)", name)]
+        assert not hidden, f"frames of the standard library or the tracker shown: {hidden}"
         console.screenshot("heap")
 
         # A timed profile from the page.
