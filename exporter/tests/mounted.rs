@@ -146,7 +146,21 @@ fn mounted_routes_keep_every_rule_of_the_built_in_server() {
     // Release probes wait their turn too: their before/after figures would be distorted.
     let release = call("POST", "/debug/memory/release?probe=all", &with(&right));
     assert_eq!(release.status, 409, "{}", release.text());
-    assert_eq!(timed.join().unwrap().status, 200);
+    let timed = timed.join().unwrap();
+    assert_eq!(timed.status, 200, "{}", timed.text());
+    // The profile itself: gzipped pprof, sent as a file named after what it holds.
+    assert_eq!(
+        timed.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(&timed.body[..2], &[0x1f, 0x8b], "gzipped");
+    assert!(
+        timed
+            .header("content-disposition")
+            .is_some_and(|d| d.starts_with("inline; filename=") && d.ends_with(".pb.gz\"")),
+        "{:?}",
+        timed.header("content-disposition")
+    );
 }
 
 /// The example application, as a user runs it: its routes and the exporter's on one port.
