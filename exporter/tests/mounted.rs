@@ -128,6 +128,11 @@ fn mounted_routes_keep_every_rule_of_the_built_in_server() {
     assert_eq!(call("POST", "/debug/pprof/dumps", &with_body).status, 413);
     let missing = call("GET", "/debug/nothing-here", &with(&right));
     assert_eq!(missing.status, 404);
+    // GET lists the stored dumps (an array), it does not take one.
+    let listed = call("GET", "/debug/pprof/dumps", &with(&right));
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let listed: serde_json::Value = serde_json::from_slice(&listed.body).unwrap();
+    assert!(listed.is_array(), "{listed}");
 
     // One profiling operation at a time: a second one during a timed profile gets 409.
     let timed = std::thread::spawn(move || {
