@@ -252,6 +252,25 @@ fn the_console_routes_compress_for_browsers_and_confine_the_page() {
             }
         }
     }
+    // Sparklines by default and with spark=1 (a point a minute, then now: never empty),
+    // none with spark=0 (the page's cheap refresh between minutes).
+    for (path, with_spark) in [
+        ("/debug/memory/scopes", true),
+        ("/debug/memory/scopes?spark=1", true),
+        ("/debug/memory/scopes?spark=0", false),
+    ] {
+        let value = json(&fetch(path, None).body);
+        let rows = value["scopes"].as_array().unwrap();
+        assert!(!rows.is_empty(), "{path}: {value}");
+        for row in rows {
+            let spark = row["spark"].as_array().unwrap();
+            if with_spark {
+                assert_eq!(spark.last(), Some(&row["live_bytes"]), "{path}: {row}");
+            } else {
+                assert!(spark.is_empty(), "{path}: {row}");
+            }
+        }
+    }
     let page = get(a, "/debug/memory");
     assert_eq!(
         page.header("content-type"),
