@@ -5,6 +5,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -163,7 +164,8 @@ fn slow_clients_are_disconnected() {
 }
 
 /// 300 idle connections that never send a request stay open while 3,000 scrapes run 32 at a
-/// time: every scrape succeeds, and the exporter's memory returns to where it was.
+/// time: every scrape succeeds, and the exporter's memory returns to where it was. (Their
+/// latency is a benchmark's: `http_scrape` in `bench/benches/exporter_scrape.rs`.)
 #[test]
 fn scrape_storm_beside_idle_connections() {
     let exporter = builder().start().unwrap();
@@ -179,18 +181,15 @@ fn scrape_storm_beside_idle_connections() {
     };
     let before = exporter_bytes();
     let idle: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(a).unwrap()).collect();
-    let started = Instant::now();
-    let latencies = Mutex::new(Vec::with_capacity(3000));
+    let succeeded = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..32 {
             s.spawn(|| {
                 for _ in 0..3000 / 32 + 1 {
-                    let t = Instant::now();
                     let response = get(a, "/metrics");
-                    let took = t.elapsed();
                     if response.status == 200 && response.body.len() > 1000 {
-                        latencies.lock().unwrap().push(took);
+                        succeeded.fetch_add(1, Ordering::Relaxed);
                     } else {
                         failures.lock().unwrap().push(response.status);
                     }
@@ -198,23 +197,18 @@ fn scrape_storm_beside_idle_connections() {
             });
         }
     });
-    let elapsed = started.elapsed();
-    let mut latencies = latencies.into_inner().unwrap();
+    let succeeded = succeeded.into_inner();
     let failures = failures.into_inner().unwrap();
-    latencies.sort();
-    let p99 = latencies[latencies.len() * 99 / 100];
     let during = exporter_bytes();
     drop(idle);
     std::thread::sleep(Duration::from_millis(300));
     let after = exporter_bytes();
     eprintln!(
-        "scrape storm: {} ok / {} total in {elapsed:?}, p50 {:?}, p99 {p99:?}; exporter scope {before} B before, {during} B with 300 idle connections, {after} B after",
-        latencies.len(),
-        latencies.len() + failures.len(),
-        latencies[latencies.len() / 2],
+        "scrape storm: {succeeded} ok / {} total; exporter scope {before} B before, {during} B with 300 idle connections, {after} B after",
+        succeeded + failures.len(),
     );
     assert!(failures.is_empty(), "failed scrapes: {failures:?}");
-    assert!(latencies.len() >= 3000);
+    assert!(succeeded >= 3000, "{succeeded} scrapes");
     assert!(
         during - before < 32.0 * 1024.0 * 1024.0,
         "bounded with idle connections: {before} -> {during}"
