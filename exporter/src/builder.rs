@@ -239,9 +239,8 @@ impl ExporterBuilder {
 
         let refresher = Refresher {
             cache,
-            history: self.debug_routes.then(|| history.clone()),
             health,
-            profiler,
+            debug: profiler.map(|profiler| (history, profiler)),
             #[cfg(feature = "metrics")]
             facade: self.facade.then(|| registry.clone()),
         };
@@ -327,10 +326,9 @@ fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), Error> 
 #[derive(Clone)]
 struct Refresher {
     cache: StatsCache,
-    /// The console's history, kept when debug routes are on.
-    history: Option<Arc<History>>,
     health: ExporterMetrics,
-    profiler: Option<Arc<Profiler>>,
+    /// The console's history and the profiler (automatic dumps), when debug routes are on.
+    debug: Option<(Arc<History>, Arc<Profiler>)>,
     /// The registry to publish through the `metrics` facade, when asked to.
     #[cfg(feature = "metrics")]
     facade: Option<prometheus::Registry>,
@@ -343,12 +341,12 @@ impl Refresher {
         let result = self.health.refresh(&self.cache);
         // One copy of the reading (every scope's counters) for the history and the automatic
         // dumps, taken only when they exist (debug routes on).
-        if self.history.is_some() || self.profiler.is_some() {
+        if let Some((history, profiler)) = &self.debug {
             let reading = self.cache.get();
-            if let (Some(history), Ok(())) = (&self.history, &result) {
+            if result.is_ok() {
                 history.record(&reading);
             }
-            if let Some(Some(Err(e))) = self.profiler.as_ref().map(|p| p.check_auto(&reading)) {
+            if let Some(Err(e)) = profiler.check_auto(&reading) {
                 tracing::warn!("memory exporter: automatic heap dump failed: {e}");
             }
         }

@@ -291,3 +291,143 @@ fn a_registry_with_the_exporters_families_is_refused() {
         "says how to fix it: {error}"
     );
 }
+
+/// What the builder is told reaches what it configures: the profiler's limits and automatic
+/// dumps (the status reports them), collectors added to the handle's registry (served on
+/// `/metrics`), and the refresh task's interval (its timestamp moves between scrapes).
+#[test]
+fn builder_settings_reach_what_they_configure() {
+    let dir = support::TempDir::new("builder-settings");
+    let exporter = exporter::Exporter::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .refresh_interval(Duration::from_millis(20))
+        .debug_routes(true)
+        .dump_dir(dir.path())
+        .dump_limits(exporter::DumpLimits {
+            max_count: 3,
+            max_bytes: 5 << 20,
+        })
+        .auto_dump(exporter::AutoDump {
+            growth_bytes: Some(64 << 20),
+            cooldown: Duration::from_secs(90),
+            ..exporter::AutoDump::default()
+        })
+        .max_profile_seconds(42)
+        .start()
+        .unwrap();
+    let a = exporter.local_addr();
+    let status: serde_json::Value =
+        serde_json::from_str(&get(a, "/debug/pprof/status").text()).unwrap();
+    assert_eq!(status["dump_dir"], dir.path().to_str().unwrap(), "{status}");
+    assert_eq!(status["max_dumps"], 3, "{status}");
+    assert_eq!(status["max_dump_bytes"], 5 << 20, "{status}");
+    assert_eq!(status["max_seconds"], 42, "{status}");
+    assert_eq!(
+        status["auto_dump"],
+        "Allocated +67108864 bytes since the last dump, at most every 90 s"
+    );
+
+    let mine = prometheus::IntGauge::new("app_added_later", "Added to the handle's registry.");
+    let mine = mine.unwrap();
+    mine.set(7);
+    exporter.registry().register(Box::new(mine)).unwrap();
+    let samples = parse_exposition(&get(a, "/metrics").text());
+    assert_eq!(value_of(&samples, "app_added_later", None), Some(7.0));
+
+    // A scrape takes a reading of its own; only the refresh task moves this timestamp.
+    let last_refresh = || {
+        let samples = parse_exposition(&get(a, "/metrics").text());
+        value_of(
+            &samples,
+            "memory_exporter_last_refresh_timestamp_seconds",
+            None,
+        )
+        .unwrap()
+    };
+    let first = last_refresh();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while last_refresh() == first {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refresh in 30 s with a 20 ms interval"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    exporter.shutdown();
+}
+
+/// Token files guard their routes as literal tokens do: `/metrics` with the metrics file's
+/// token, `/debug/*` with the debug file's, each refusing the other's.
+#[test]
+fn token_files_guard_metrics_and_debug_routes() {
+    let dir = support::TempDir::new("token-files");
+    let metrics_file = dir.path().join("metrics-token");
+    let debug_file = dir.path().join("debug-token");
+    std::fs::write(&metrics_file, "scraper-token\n").unwrap();
+    std::fs::write(&debug_file, "operator-token\n").unwrap();
+    let exporter = exporter::Exporter::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .debug_routes(true)
+        .metrics_token_file(&metrics_file)
+        .debug_token_file(&debug_file)
+        .start()
+        .unwrap();
+    let a = exporter.local_addr();
+    let status = |target: &str, token: Option<&str>| {
+        let header = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = header
+            .iter()
+            .map(|h| ("authorization", h.as_str()))
+            .collect();
+        request(a, "GET", target, &headers).status
+    };
+    for (target, right, wrong) in [
+        ("/metrics", "scraper-token", "operator-token"),
+        ("/debug/pprof/status", "operator-token", "scraper-token"),
+    ] {
+        assert_eq!(status(target, None), 401, "{target} without a token");
+        assert_eq!(status(target, Some(wrong)), 401, "{target} with {wrong}");
+        assert_eq!(status(target, Some(right)), 200, "{target} with {right}");
+    }
+    exporter.shutdown();
+}
+
+/// `max_connections(1)`: while one connection is open, the next waits in the accept queue
+/// (unanswered), and is served once the first closes.
+#[test]
+fn connections_past_the_limit_wait_their_turn() {
+    use std::io::{Read, Write};
+    let exporter = exporter::Exporter::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .max_connections(1)
+        .start()
+        .unwrap();
+    let a = exporter.local_addr();
+    let held = std::net::TcpStream::connect(a).unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // accepted: it holds the one permit
+    let mut waiting = std::net::TcpStream::connect(a).unwrap();
+    waiting
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut first = [0u8; 1];
+    let early = waiting.read(&mut first);
+    assert!(
+        early.is_err(),
+        "served while the only connection allowed was open: {early:?}"
+    );
+    drop(held);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut response = Vec::new();
+    waiting.read_to_end(&mut response).unwrap();
+    assert!(
+        response.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&response[..response.len().min(200)])
+    );
+    exporter.shutdown();
+}
