@@ -594,6 +594,143 @@ mod tests {
         drop(held);
     }
 
+    /// A gauge of `JEMALLOC_GAUGES` read from `reading`.
+    fn gauge(reading: &Refreshed, name: &str) -> f64 {
+        let (_, value) = JEMALLOC_GAUGES
+            .iter()
+            .find(|(family, _)| family.name == name)
+            .unwrap_or_else(|| panic!("no gauge {name}"));
+        value(reading)
+    }
+
+    #[test]
+    fn unattributed_is_allocated_less_scopes_tcache_and_overhead_clamped_at_zero() {
+        let mut reading = Refreshed {
+            stats: JemallocStats {
+                allocated: 10_000,
+                tcache: 1_000,
+                ..JemallocStats::default()
+            },
+            scopes: Vec::new(),
+            scoped_live_bytes: 6_000,
+            tracking_overhead_bytes: 500,
+        };
+        assert_eq!(reading.unattributed_bytes(), 2_500);
+        assert_eq!(gauge(&reading, "memory_unattributed_bytes"), 2_500.0);
+        reading.scoped_live_bytes = 9_000; // scopes count requested sizes, jemalloc rounds
+        assert_eq!(reading.unattributed_bytes(), 0);
+    }
+
+    #[test]
+    fn the_sample_interval_is_two_to_the_lg_sample_when_profiling_is_compiled() {
+        let mut reading = Refreshed::default();
+        reading.stats.lg_prof_sample = 19;
+        assert_eq!(
+            gauge(&reading, "jemalloc_profiling_sample_interval_bytes"),
+            0.0
+        );
+        reading.stats.profiling_compiled = true;
+        assert_eq!(
+            gauge(&reading, "jemalloc_profiling_sample_interval_bytes"),
+            524_288.0
+        );
+    }
+
+    /// Bytes live in `scope` in `reading` (0 if it has no such scope).
+    fn live_in(reading: &Refreshed, scope: &str) -> u64 {
+        reading
+            .scopes
+            .iter()
+            .find(|s| s.name == scope)
+            .map_or(0, |s| s.live_bytes)
+    }
+
+    #[test]
+    fn fresh_shares_a_young_reading_and_takes_a_new_one_when_it_is_old() {
+        let cache = StatsCache::default();
+        let first = cache.fresh(Duration::from_secs(3600)).unwrap();
+        let held = {
+            let _g = Scope::named("fresh-test").enter();
+            std::hint::black_box(vec![0u8; 4096])
+        };
+        let shared = cache.fresh(Duration::from_secs(3600)).unwrap();
+        assert_eq!(live_in(&first, "fresh-test"), 0);
+        assert_eq!(
+            live_in(&shared, "fresh-test"),
+            0,
+            "the young reading is shared"
+        );
+        let new = cache.fresh(Duration::ZERO).unwrap();
+        assert_eq!(live_in(&new, "fresh-test"), 4096, "an old one is replaced");
+        drop(held);
+    }
+
+    /// During `one_reading(a, ..)`, `a`'s collectors report the pinned reading even after a
+    /// newer one was taken; another cache's collectors are not pinned to it.
+    #[test]
+    fn a_gather_pins_its_own_caches_reading_and_no_other() {
+        let pinned = StatsCache::default();
+        let other = StatsCache::default();
+        let scope_live = |cache: &StatsCache| {
+            let families = ScopeCollector::with_cache(cache.clone()).collect();
+            family(&families, "memory_scope_live_bytes")
+                .get_metric()
+                .iter()
+                .find(|m| m.get_label()[0].value() == "pin-test")
+                .map_or(0.0, |m| m.get_gauge().get_value())
+        };
+        let (pinned_sees, other_sees, refreshed_sees) = one_reading(&pinned, || {
+            let held = {
+                let _g = Scope::named("pin-test").enter();
+                std::hint::black_box(vec![0u8; 8192])
+            };
+            pinned.refresh().unwrap(); // a newer reading in the cache: not this gather's
+            let seen = (
+                scope_live(&pinned),
+                scope_live(&other),
+                live_in(&pinned.get(), "pin-test"),
+            );
+            drop(held);
+            seen
+        });
+        assert_eq!(refreshed_sees, 8192);
+        assert_eq!(
+            pinned_sees, 0.0,
+            "the gather's reading, taken before the allocation"
+        );
+        assert_eq!(other_sees, 8192.0, "another cache reads for itself");
+    }
+
+    #[test]
+    fn a_collectors_cache_is_the_one_it_reads() {
+        let collector = JemallocCollector::new();
+        assert_eq!(collector.cache().get().stats.allocated, 0, "not read yet");
+        collector.cache().refresh().unwrap();
+        assert!(collector.cache().get().stats.allocated > 0);
+    }
+
+    /// What a collector declares is what it reports: the registry checks names against the
+    /// declarations (a family registered twice is refused).
+    #[test]
+    fn collectors_declare_every_family_they_report() {
+        let names = |collector: &dyn Collector| {
+            let declared: Vec<String> =
+                collector.desc().iter().map(|d| d.fq_name.clone()).collect();
+            let reported: Vec<String> = collector
+                .collect()
+                .iter()
+                .map(|f| f.name().to_owned())
+                .collect();
+            (declared, reported)
+        };
+        let jemalloc = JemallocCollector::new();
+        jemalloc.cache().refresh().unwrap();
+        for collector in [&jemalloc as &dyn Collector, &ScopeCollector::new()] {
+            let (declared, reported) = names(collector);
+            assert_eq!(declared, reported);
+        }
+    }
+
     #[test]
     fn health_metrics_count_refreshes() {
         let health = ExporterMetrics::new();

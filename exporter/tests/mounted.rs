@@ -252,6 +252,16 @@ fn the_console_routes_compress_for_browsers_and_confine_the_page() {
             }
         }
     }
+    // The overview's figures of now are one reading: fragmentation is resident / allocated.
+    let overview = json(&fetch("/debug/memory/overview?since=0", None).body);
+    let now = &overview["now"];
+    let figure = |name: &str| now[name].as_f64().unwrap();
+    assert!(figure("allocated") > 0.0, "{now}");
+    let expected = figure("resident") / figure("allocated");
+    assert!(
+        (figure("fragmentation") - expected).abs() < 1e-9 * expected,
+        "{now}"
+    );
     // Sparklines by default and with spark=1 (a point a minute, then now: never empty),
     // none with spark=0 (the page's cheap refresh between minutes).
     for (path, with_spark) in [

@@ -105,6 +105,17 @@ fn scrape_has_every_family_with_help_type_and_consistent_values() {
         "built-in scopes are exported from the start"
     );
     assert!(v("memory_unattributed_bytes") < v("jemalloc_allocated_bytes"));
+    // One reading for the whole scrape: the unattributed bytes are exactly what is left.
+    let scoped: f64 = samples
+        .iter()
+        .filter(|s| s.name == "memory_scope_live_bytes")
+        .map(|s| s.value)
+        .sum();
+    let left = v("jemalloc_allocated_bytes")
+        - scoped
+        - v("jemalloc_tcache_bytes")
+        - v("memory_tracking_overhead_bytes");
+    assert_eq!(v("memory_unattributed_bytes"), left.max(0.0));
     drop(held);
     exporter.shutdown();
 }
@@ -177,6 +188,21 @@ fn bind_errors_say_how_to_fix() {
     let message = error.to_string();
     assert!(message.contains("already in use"), "{message}");
     assert!(message.contains("--listen"), "{message}");
+    let cause = std::error::Error::source(&error).expect("the OS error is its source");
+    assert_eq!(
+        cause.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+        Some(std::io::ErrorKind::AddrInUse)
+    );
+
+    // An address this host does not have (TEST-NET-1) is another fault, named as such.
+    let error = exporter::Exporter::builder()
+        .listen("192.0.2.1:9464".parse().unwrap())
+        .start()
+        .err()
+        .expect("not an address of this host");
+    let message = error.to_string();
+    assert!(!message.contains("already in use"), "{message}");
+    assert!(message.contains("Check the address"), "{message}");
 }
 
 #[test]
