@@ -129,3 +129,73 @@ pub fn run(selection: Option<&str>) -> Result<Vec<Released>, ProfileError> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Probes of these tests' own names (the registry is the process's).
+    fn names_starting(prefix: &str) -> Vec<String> {
+        let mut names: Vec<_> = release_probes()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn registering_a_name_again_replaces_only_that_probe() {
+        register_release("replace-a", || ()).unwrap();
+        register_release("replace-b", || ()).unwrap();
+        register_release("replace-a", || ()).unwrap();
+        assert_eq!(names_starting("replace-"), ["replace-a", "replace-b"]);
+    }
+
+    #[test]
+    fn a_probe_reports_what_its_hook_released() {
+        let cache = Arc::new(Mutex::new(vec![1u8; 64 << 20]));
+        let held = cache.clone();
+        register_release("measured-cache", move || {
+            *held.lock().unwrap() = Vec::new();
+        })
+        .unwrap();
+        let report = run(Some("measured-cache")).unwrap();
+        assert_eq!(report.len(), 1);
+        let released = &report[0];
+        assert_eq!(released.probe, "measured-cache");
+        assert_eq!(released.error, None);
+        assert!(released.allocated_before > 64 << 20, "{released:?}");
+        // Other tests of this binary allocate meanwhile; 64 MiB stands out from them.
+        assert!(released.allocated_freed > 32 << 20, "{released:?}");
+        assert_eq!(
+            released.allocated_freed,
+            released.allocated_before as i64 - released.allocated_after as i64
+        );
+        assert!(cache.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_panicking_hook_is_reported_not_fatal() {
+        register_release("panics-first", || panic!("poisoned lock")).unwrap();
+        let report = run(Some("panics-first")).unwrap();
+        assert_eq!(
+            report[0].error.as_deref(),
+            Some("the probe panicked: poisoned lock")
+        );
+    }
+
+    #[test]
+    fn bad_and_unknown_names_are_refused_with_what_exists() {
+        assert!(register_release("", || ()).is_err());
+        assert!(register_release("a/b", || ()).is_err());
+        assert!(register_release("x".repeat(65), || ()).is_err());
+        register_release("x".repeat(64), || ()).unwrap();
+        register_release("known-probe", || ()).unwrap();
+        let unknown = run(Some("no-such-probe")).unwrap_err();
+        assert!(matches!(unknown, ProfileError::NotFound(_)), "{unknown}");
+        assert!(unknown.to_string().contains("known-probe"), "{unknown}");
+        let bad = run(Some("../etc")).unwrap_err();
+        assert!(matches!(bad, ProfileError::BadRequest(_)), "{bad}");
+    }
+}
