@@ -66,6 +66,11 @@ impl Exporter {
     }
 }
 
+/// Taken by unit tests that allocate tens of MiB, purge, or assert on process-wide jemalloc
+/// figures, so tests running in parallel do not move each other's figures.
+#[cfg(test)]
+pub(crate) static PROCESS_FIGURES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 #[global_allocator]
 static GLOBAL: tracking_alloc::TrackingAlloc<tikv_jemallocator::Jemalloc> =

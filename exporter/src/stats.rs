@@ -204,6 +204,9 @@ mod tests {
 
     #[test]
     fn reads_are_consistent_and_follow_allocations() {
+        let _serial = crate::PROCESS_FIGURES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let before = JemallocStats::read().unwrap();
         assert!(before.mapped >= before.resident, "{before:?}");
         assert!(before.resident >= before.active, "{before:?}");
@@ -219,5 +222,71 @@ mod tests {
         let during = JemallocStats::read().unwrap();
         assert!(during.allocated >= before.allocated + (64 << 20) - (1 << 20));
         drop(held);
+    }
+
+    /// Dirty and muzzy are jemalloc's page counts times the page size, read in one epoch.
+    #[test]
+    fn dirty_and_muzzy_are_pages_times_the_page_size() {
+        let _serial = crate::PROCESS_FIGURES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let page = read_u64(key!("arenas.page")).unwrap();
+        for _ in 0..100 {
+            // Freed pages stay dirty until jemalloc's decay (10 s by default) purges them.
+            drop(std::hint::black_box(vec![1u8; 8 << 20]));
+            advance_epoch().unwrap();
+            let pages = |key| read_u64(key).unwrap();
+            let dirty = pages(key!("stats.arenas.4096.pdirty"));
+            let muzzy = pages(key!("stats.arenas.4096.pmuzzy"));
+            let stats = JemallocStats::read_current_epoch().unwrap();
+            let same_epoch = dirty == pages(key!("stats.arenas.4096.pdirty"))
+                && muzzy == pages(key!("stats.arenas.4096.pmuzzy"));
+            if !same_epoch || dirty == 0 {
+                continue; // another test advanced the epoch or purged: read again
+            }
+            assert_eq!(stats.dirty, dirty * page);
+            assert_eq!(stats.muzzy, muzzy * page);
+            return;
+        }
+        panic!("no dirty pages after freeing 8 MiB a hundred times");
+    }
+
+    /// Profiling is reported enabled and active only as jemalloc says, and only when compiled
+    /// in (these tests embed no `prof:true`; `_RJEM_MALLOC_CONF` may add it).
+    #[test]
+    fn profiling_flags_follow_jemalloc() {
+        let stats = JemallocStats::read().unwrap();
+        let compiled = read_or::<bool>(key!("config.prof"), false);
+        assert_eq!(stats.profiling_compiled, compiled);
+        assert_eq!(
+            stats.profiling_enabled,
+            compiled && read_or::<bool>(key!("opt.prof"), false)
+        );
+        assert_eq!(
+            stats.profiling_active,
+            compiled && read_or::<bool>(key!("prof.active"), false)
+        );
+        if std::env::var("_RJEM_MALLOC_CONF").map_or(true, |c| !c.contains("prof:true")) {
+            assert!(
+                !stats.profiling_enabled && !stats.profiling_active,
+                "{stats:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_read_error_names_the_key_the_reason_and_the_fix() {
+        let error = ReadError {
+            key: "stats.allocated",
+            reason: "no such entry".into(),
+        };
+        let message = error.to_string();
+        for part in [
+            "`stats.allocated`",
+            "no such entry",
+            "features = [\"stats\"]",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
     }
 }
