@@ -175,6 +175,13 @@ mod tests {
             released.allocated_freed,
             released.allocated_before as i64 - released.allocated_after as i64
         );
+        assert!(released.resident_after > 0, "{released:?}");
+        assert_eq!(
+            released.resident_freed,
+            released.resident_before as i64 - released.resident_after as i64
+        );
+        // Purged after the hook: the 64 MiB leave resident memory too.
+        assert!(released.resident_freed > 32 << 20, "{released:?}");
         assert!(cache.lock().unwrap().is_empty());
     }
 

@@ -231,6 +231,8 @@ mod tests {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let page = read_u64(key!("arenas.page")).unwrap();
+        // Muzzy pages need a muzzy decay (jemalloc's default, 0, leaves none): here muzzy is
+        // 0 pages, and its check only tells `* page` from `+ page`.
         for _ in 0..100 {
             // Freed pages stay dirty until jemalloc's decay (10 s by default) purges them.
             drop(std::hint::black_box(vec![1u8; 8 << 20]));
