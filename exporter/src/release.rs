@@ -180,8 +180,6 @@ mod tests {
             released.resident_freed,
             released.resident_before as i64 - released.resident_after as i64
         );
-        // Purged after the hook: the 64 MiB leave resident memory too.
-        assert!(released.resident_freed > 32 << 20, "{released:?}");
         assert!(cache.lock().unwrap().is_empty());
     }
 
