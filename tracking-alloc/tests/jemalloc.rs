@@ -161,6 +161,43 @@ fn the_fast_placement_is_in_use() {
     );
     assert_eq!(tracking_alloc::sample_interval(), None, "exact mode");
     assert_eq!(tracking_alloc::tracking_warning(), None);
+    // The label values the exporter publishes in `memory_tracking_info{placement}`.
+    let labels = [
+        tracking_alloc::Placement::SizeClass,
+        tracking_alloc::Placement::Appended,
+    ]
+    .map(tracking_alloc::Placement::as_str);
+    assert_eq!(labels, ["size_class", "appended"]);
+}
+
+/// A scope is found by its id (what a heap profile's scope frame carries) up to the last
+/// registered one and no further, and prints its name.
+#[test]
+fn scopes_are_found_by_id_up_to_the_last_and_print_their_name() {
+    use tracking_alloc::Scope;
+    let scope = Scope::named("found-by-id");
+    assert_eq!(Scope::by_id(scope.id()), Some(scope));
+    assert_eq!(Scope::by_id(0).map(Scope::name), Some("unscoped"));
+    loop {
+        // Other tests register scopes meanwhile: judge only a count that held throughout.
+        let registered = tracking_alloc::snapshot().len();
+        let last = Scope::by_id(registered as u16 - 1);
+        let past = Scope::by_id(registered as u16);
+        if tracking_alloc::snapshot().len() == registered {
+            assert!(last.is_some(), "scope {} of {registered}", registered - 1);
+            assert_eq!(past, None, "no scope {registered} of {registered}");
+            break;
+        }
+    }
+    assert_eq!(format!("{scope:?}"), r#"Scope("found-by-id")"#);
+    let guard = scope.enter();
+    let inner = Scope::named("found-by-id-inner").enter();
+    assert_eq!(
+        format!("{inner:?}"),
+        r#"ScopeGuard { previous: Scope("found-by-id") }"#
+    );
+    drop(inner);
+    drop(guard);
 }
 
 /// Without the `jemalloc` feature the tracker cannot use jemalloc's layout: it appends its

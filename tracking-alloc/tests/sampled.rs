@@ -119,6 +119,12 @@ fn the_mode_is_published() {
         tracking_alloc::sample_interval(),
         Some(DEFAULT_SAMPLE_INTERVAL)
     );
+    assert_eq!(
+        tracking_alloc::placement(),
+        Some(tracking_alloc::Placement::Sampled)
+    );
+    assert_eq!(tracking_alloc::Placement::Sampled.as_str(), "sampled");
+    assert_eq!(tracking_alloc::sampling_unavailable(), None);
 }
 
 /// 256 MiB of mixed sizes is estimated within ±5 % at the default interval, for every seed;

@@ -84,6 +84,23 @@ fn instrumented_async_fns_are_attributed() {
     assert!(live("index-build") < 256);
 }
 
+/// The scope field may hold any value (`%name`, a number: its text); no other field names the
+/// scope, before or after it, and a span without it is named after the span.
+#[test]
+fn only_the_scope_field_names_the_scope_whatever_its_type() {
+    let subscriber = tracing_subscriber::registry().with(MemoryScopeLayer::new());
+    tracing::subscriber::with_default(subscriber, || {
+        let current = || tracking_alloc::Scope::current().name();
+        let name = String::from("display-scope");
+        let display = tracing::info_span!("d", count = 5, memory_scope = %name, after = 6);
+        assert_eq!(display.in_scope(current), "display-scope");
+        let numbered = tracing::info_span!("n", memory_scope = 7);
+        assert_eq!(numbered.in_scope(current), "7");
+        let plain = tracing::info_span!("plain-span", count = 5);
+        assert_eq!(plain.in_scope(current), "plain-span");
+    });
+}
+
 /// Spans exited out of order: the span entered last stays current, and when it exits too the
 /// scope from before both returns. (Popping blindly left A current inside B.)
 #[test]
