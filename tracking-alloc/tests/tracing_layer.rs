@@ -85,7 +85,8 @@ fn instrumented_async_fns_are_attributed() {
 }
 
 /// The scope field may hold any value (`%name`, a number: its text); no other field names the
-/// scope, before or after it, and a span without it is named after the span.
+/// scope, before or after it, and a span without it (or with it left empty) is named after
+/// the span.
 #[test]
 fn only_the_scope_field_names_the_scope_whatever_its_type() {
     let subscriber = tracing_subscriber::registry().with(MemoryScopeLayer::new());
@@ -98,6 +99,12 @@ fn only_the_scope_field_names_the_scope_whatever_its_type() {
         assert_eq!(numbered.in_scope(current), "7");
         let plain = tracing::info_span!("plain-span", count = 5);
         assert_eq!(plain.in_scope(current), "plain-span");
+        let unset = tracing::info_span!(
+            "unset-scope-span",
+            count = 5,
+            memory_scope = tracing::field::Empty
+        );
+        assert_eq!(unset.in_scope(current), "unset-scope-span");
     });
 }
 
