@@ -66,10 +66,13 @@ impl Exporter {
     }
 }
 
-/// Taken by unit tests that allocate tens of MiB, purge, or assert on process-wide jemalloc
+/// Held by unit tests that allocate tens of MiB, purge, or assert on process-wide jemalloc
 /// figures, so tests running in parallel do not move each other's figures.
 #[cfg(test)]
-pub(crate) static PROCESS_FIGURES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) fn process_figures_serialized() -> std::sync::MutexGuard<'static, ()> {
+    static PROCESS_FIGURES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    PROCESS_FIGURES.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 #[cfg(test)]
 #[global_allocator]

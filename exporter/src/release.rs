@@ -154,9 +154,7 @@ mod tests {
 
     #[test]
     fn a_probe_reports_what_its_hook_released() {
-        let _serial = crate::PROCESS_FIGURES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _serial = crate::process_figures_serialized();
         let cache = Arc::new(Mutex::new(vec![1u8; 64 << 20]));
         let held = cache.clone();
         register_release("measured-cache", move || {

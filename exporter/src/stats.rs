@@ -204,9 +204,7 @@ mod tests {
 
     #[test]
     fn reads_are_consistent_and_follow_allocations() {
-        let _serial = crate::PROCESS_FIGURES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _serial = crate::process_figures_serialized();
         let before = JemallocStats::read().unwrap();
         assert!(before.mapped >= before.resident, "{before:?}");
         assert!(before.resident >= before.active, "{before:?}");
@@ -227,9 +225,7 @@ mod tests {
     /// Dirty and muzzy are jemalloc's page counts times the page size, read in one epoch.
     #[test]
     fn dirty_and_muzzy_are_pages_times_the_page_size() {
-        let _serial = crate::PROCESS_FIGURES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _serial = crate::process_figures_serialized();
         let page = read_u64(key!("arenas.page")).unwrap();
         // Muzzy pages need a muzzy decay (jemalloc's default, 0, leaves none): here muzzy is
         // 0 pages, and its check only tells `* page` from `+ page`.

@@ -220,9 +220,7 @@ mod tests {
 
     #[test]
     fn purge_returns_dirty_pages() {
-        let _serial = crate::PROCESS_FIGURES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _serial = crate::process_figures_serialized();
         let dirty = || crate::stats::JemallocStats::read().unwrap().dirty;
         let held: Vec<Vec<u8>> = (0..64)
             .map(|_| std::hint::black_box(vec![1u8; 1 << 20]))
